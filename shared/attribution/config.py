@@ -1,0 +1,114 @@
+"""Hyperparameters of Meaningful Perturbation, validated once.
+
+Pure Python (no torch) so the web front end can validate a job's settings
+before queueing it, and store them on the job as JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+BLURS = ("mean", "gaussian", "median")
+PRECISIONS = ("fp32", "bf16")
+
+# field -> (low, high) inclusive; None means unbounded on that side.
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "iterations": (1, 10_000),
+    "learning_rate": (1e-6, 10.0),
+    "mask_size": (4, 224),
+    "l1_coeff": (0.0, 100.0),
+    "tv_coeff": (0.0, 100.0),
+    "tv_beta": (1.0, 10.0),
+    "noise_std": (0.0, 10.0),
+    "input_size": (32, 1024),
+    "seed": (0, 2**63 - 1),
+}
+_INTS = {"iterations", "mask_size", "input_size", "seed"}
+
+
+@dataclass(frozen=True)
+class PerturbationConfig:
+    """Settings of one mask optimisation; defaults follow the reference code.
+
+    Attributes:
+        iterations: Adam steps, 1-10000.
+        learning_rate: Adam learning rate (reference 0.1).
+        mask_size: side of the square low-resolution mask, 4-224 (reference 28).
+        l1_coeff: weight of ``mean|1 - mask|`` (sparsity; reference 0.01).
+        tv_coeff: weight of the total-variation term (smoothness; reference 0.2).
+        tv_beta: exponent of the TV term (reference 3).
+        noise_std: std of Gaussian noise added to the perturbed input in the
+            model's normalised space on every step (reference 0.2; 0 disables).
+        blur: the perturbation's blurred copy: ``mean`` of a Gaussian (11x11,
+            sigma 5) and a median (11) blur, as the reference README says, or
+            ``gaussian`` / ``median`` alone (``median`` reproduces the
+            reference code).
+        input_size: side of the square image fed to the model (reference 224).
+        seed: seed of the per-step noise; same inputs + seed give the same mask
+            on the CPU.
+        precision: ``fp32`` (reference) or ``bf16`` autocast for the model's
+            forward/backward (faster on CUDA and AVX-512-BF16 CPUs).
+    """
+
+    iterations: int = 500
+    learning_rate: float = 0.1
+    mask_size: int = 28
+    l1_coeff: float = 0.01
+    tv_coeff: float = 0.2
+    tv_beta: float = 3.0
+    noise_std: float = 0.2
+    blur: str = "mean"
+    input_size: int = 224
+    seed: int = 0
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        for name, (low, high) in _RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if name in _INTS and not float(value).is_integer():
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value!r}")
+            if (low is not None and value < low) or (high is not None and value > high):
+                raise ValueError(f"{name} must be between {low:g} and {high:g}, got {value!r}")
+            # Normalise the type so JSON round-trips are exact.
+            object.__setattr__(self, name, int(value) if name in _INTS else float(value))
+        if self.blur not in BLURS:
+            raise ValueError(f"blur must be one of {', '.join(BLURS)}, got {self.blur!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
+        if self.mask_size > self.input_size:
+            raise ValueError(
+                f"mask_size must be at most input_size ({self.input_size}), got {self.mask_size}"
+            )
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> "PerturbationConfig":
+        """Build from a mapping (e.g. stored JSON); unknown keys raise ValueError."""
+        data = dict(data or {})
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "PerturbationConfig":
+        return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def limits() -> dict[str, tuple[float | None, float | None]]:
+        """Allowed inclusive range of each numeric field."""
+        return dict(_RANGES)

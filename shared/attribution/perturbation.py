@@ -1,0 +1,556 @@
+"""Meaningful Perturbation (Fong & Vedaldi, ICCV 2017), as a pure torch module.
+
+For one image and one target class, optimise a low-resolution mask ``m`` that
+blends the image with a blurred copy so that the class probability vanishes,
+while the mask stays sparse (L1 on ``1 - m``) and smooth (total variation)::
+
+    x    = img * up(m) + blurred * (1 - up(m)) + noise
+    loss = l1 * mean|1 - m| + tv * TV_beta(m) + softmax(f(x))[target]
+
+followed by an Adam step on the mask alone and a clamp of the mask to [0, 1].
+
+Conventions: images are ``(N, 3, H, W)`` float32 RGB in [0, 1] unless stated;
+masks are ``(N, 1, h, w)`` float32 in [0, 1] where 1 keeps the pixel and 0
+replaces it with the blurred copy. This module imports torch and numpy only:
+no I/O, no web, queue or database code.
+
+Small named steps (:func:`gaussian_blur`, :func:`median_blur`,
+:func:`blurred_copy`, :func:`upsample_mask`, :func:`blend`, :func:`l1_loss`,
+:func:`tv_loss`) are composed by :class:`MaskOptimisation` (the state of one
+job) and :func:`step_batch` (one batched Adam step for many jobs), which
+:func:`explain` and :func:`explain_batch` drive to completion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .classifier import Classifier
+from .config import PerturbationConfig
+
+__all__ = [
+    "Explanation",
+    "MaskOptimisation",
+    "OnStep",
+    "blend",
+    "blurred_copy",
+    "explain",
+    "explain_batch",
+    "frozen",
+    "gaussian_blur",
+    "l1_loss",
+    "median_blur",
+    "null_progress",
+    "prepare_image",
+    "step_batch",
+    "tv_loss",
+    "upsample_mask",
+]
+
+LOSS_KEYS = ("total", "l1", "tv", "score")
+
+#: ``on_step(iteration, total, losses) -> bool | None``; ``iteration`` counts
+#: from 1, ``losses`` maps ``total``, ``l1``, ``tv`` and ``score`` to floats.
+#: Returning ``True`` asks the optimisation to stop; it stops after this step.
+OnStep = Callable[[int, int, Mapping[str, float]], "bool | None"]
+
+
+def null_progress(iteration: int, total: int, losses: Mapping[str, float]) -> None:
+    """The default progress callback: does nothing and never stops the run."""
+    return None
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _gaussian_kernel1d(kernel_size: int, sigma: float, dtype, device) -> torch.Tensor:
+    x = torch.arange(kernel_size, dtype=torch.float64) - (kernel_size - 1) / 2
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    return (k / k.sum()).to(dtype=dtype, device=device)
+
+
+def gaussian_blur(image: torch.Tensor, kernel_size: int = 11, sigma: float = 5.0) -> torch.Tensor:
+    """Separable Gaussian blur, matching ``cv2.GaussianBlur`` (reflect-101 border).
+
+    Args:
+        image: ``(N, C, H, W)`` float, any range.
+        kernel_size: odd kernel side (reference 11).
+        sigma: standard deviation in pixels (reference 5).
+    Returns:
+        ``(N, C, H, W)``, same dtype.
+    """
+    if kernel_size % 2 != 1 or kernel_size < 1:
+        raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
+    n, c, h, w = image.shape
+    pad = kernel_size // 2
+    k = _gaussian_kernel1d(kernel_size, sigma, image.dtype, image.device)
+    x = image.reshape(n * c, 1, h, w)
+    # torch's "reflect" is OpenCV's BORDER_REFLECT_101 (the GaussianBlur default).
+    x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1))
+    x = F.conv2d(x, k.view(1, 1, -1, 1))
+    return x.reshape(n, c, h, w)
+
+
+def median_blur(image: torch.Tensor, kernel_size: int = 11) -> torch.Tensor:
+    """Median filter, matching ``cv2.medianBlur`` (replicated border).
+
+    Args:
+        image: ``(N, C, H, W)`` float.
+        kernel_size: odd window side (reference 11).
+    Returns:
+        ``(N, C, H, W)``: the median of each ``kernel_size``² window.
+    """
+    if kernel_size % 2 != 1 or kernel_size < 1:
+        raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
+    n, c, h, w = image.shape
+    pad = kernel_size // 2
+    x = F.pad(image.reshape(n * c, 1, h, w), (pad, pad, pad, pad), mode="replicate")
+    # Row by row keeps the unfolded windows small (k² values per pixel of one row).
+    rows = []
+    for y in range(h):
+        band = x[:, :, y : y + kernel_size, :]  # (NC, 1, k, W + 2p)
+        windows = band.unfold(3, kernel_size, 1)  # (NC, 1, k, W, k)
+        windows = windows.permute(0, 1, 3, 2, 4).reshape(n * c, w, kernel_size * kernel_size)
+        rows.append(windows.median(dim=-1).values)
+    return torch.stack(rows, dim=1).reshape(n, c, h, w)
+
+
+def blurred_copy(image: torch.Tensor, blur: str = "mean") -> torch.Tensor:
+    """The perturbation: a blurred copy of ``image``.
+
+    Args:
+        image: ``(N, 3, H, W)`` RGB in [0, 1].
+        blur: ``mean`` (of the Gaussian 11×11 σ 5 and median 11 blurs, as the
+            reference README says), ``gaussian`` or ``median`` (as the
+            reference code does).
+    Returns:
+        ``(N, 3, H, W)`` in [0, 1].
+    """
+    if blur == "gaussian":
+        return gaussian_blur(image, 11, 5.0)
+    if blur == "median":
+        return median_blur(image, 11)
+    if blur == "mean":
+        return (gaussian_blur(image, 11, 5.0) + median_blur(image, 11)) / 2
+    raise ValueError(f"blur must be one of mean, gaussian, median, got {blur!r}")
+
+
+def upsample_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear upsampling of the mask (``align_corners=True``, as the reference).
+
+    Args:
+        mask: ``(N, 1, h, w)`` in [0, 1].
+        size: output side.
+    Returns:
+        ``(N, 1, size, size)`` in [0, 1].
+    """
+    return F.interpolate(mask, size=(size, size), mode="bilinear", align_corners=True)
+
+
+def blend(image: torch.Tensor, blurred: torch.Tensor, mask_up: torch.Tensor) -> torch.Tensor:
+    """``image * m + blurred * (1 - m)``.
+
+    Args:
+        image, blurred: ``(N, 3, H, W)``, in the same space (pixels or normalised).
+        mask_up: ``(N, 1, H, W)`` in [0, 1]; 1 keeps ``image``.
+    Returns:
+        ``(N, 3, H, W)``.
+    """
+    return image * mask_up + blurred * (1 - mask_up)
+
+
+def l1_loss(mask: torch.Tensor) -> torch.Tensor:
+    """Sparsity: ``mean |1 - m|`` per sample. ``(N, 1, h, w)`` -> ``(N,)``."""
+    return (1 - mask).abs().flatten(1).mean(dim=1)
+
+
+def tv_loss(mask: torch.Tensor, beta: float = 3.0) -> torch.Tensor:
+    """Total variation as in the reference, per sample.
+
+    ``mean(|m[i+1, j] - m[i, j]|^beta) + mean(|m[i, j+1] - m[i, j]|^beta)``.
+    ``(N, 1, h, w)`` -> ``(N,)``.
+    """
+    rows = (mask[:, :, 1:, :] - mask[:, :, :-1, :]).abs().pow(beta).flatten(1).mean(dim=1)
+    cols = (mask[:, :, :, 1:] - mask[:, :, :, :-1]).abs().pow(beta).flatten(1).mean(dim=1)
+    return rows + cols
+
+
+def prepare_image(image: Any, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Resize an RGB image to the model's square input.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB numpy array, or a ``(3, H, W)`` /
+            ``(1, 3, H, W)`` float tensor in [0, 1].
+        size: output side.
+    Returns:
+        ``(1, 3, size, size)`` float32 in [0, 1], quantised to 1/255 steps like
+        the reference's uint8 pipeline.
+    """
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(
+                f"image must be an (H, W, 3) uint8 RGB array, got {image.dtype} {image.shape}"
+            )
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255
+    elif isinstance(image, torch.Tensor):
+        x = image[None] if image.ndim == 3 else image
+        if x.ndim != 4 or x.shape[:2] != (1, 3):
+            raise ValueError(f"image tensor must be (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}")
+        x = x.detach().float().cpu()
+    else:
+        raise ValueError(f"image must be a numpy array or a torch tensor, got {type(image).__name__}")
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    x = (x.clamp(0, 1) * 255).round() / 255
+    return x.to(device)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` in eval mode with frozen parameters; restore both on exit."""
+    training = module.training
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    module.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        module.train(training)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Explanation:
+    """The result of one mask optimisation.
+
+    Attributes:
+        mask: ``(h, w)`` float32 in [0, 1]; 1 keeps the pixel, 0 blurs it.
+        mask_upsampled: ``(S, S)`` float32 in [0, 1] at the input size.
+        perturbed: ``(S, S, 3)`` uint8 RGB, the final perturbation (no noise).
+        target, label: the explained class.
+        score_before, score_after: target probability on the input and on the
+            final perturbed image (no noise), in [0, 1].
+        top5_before, top5_after: ``[{"index", "label", "prob"}, ...]``.
+        history: per-iteration ``total``, ``l1``, ``tv`` and ``score`` losses.
+        elapsed_s: wall time from creation to the end of the last step.
+        iterations_run: steps taken (fewer than configured if cancelled).
+        cancelled: the progress callback asked the run to stop.
+        config: the settings used.
+    """
+
+    mask: np.ndarray
+    mask_upsampled: np.ndarray
+    perturbed: np.ndarray
+    target: int
+    label: str
+    score_before: float
+    score_after: float
+    top5_before: list[dict[str, Any]]
+    top5_after: list[dict[str, Any]]
+    history: dict[str, list[float]]
+    elapsed_s: float
+    iterations_run: int
+    cancelled: bool
+    config: PerturbationConfig
+    model: str = "model"
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def saliency(self) -> np.ndarray:
+        """``1 - mask_upsampled``: ``(S, S)`` float32 in [0, 1], high = important."""
+        return 1.0 - self.mask_upsampled
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-safe summary (no arrays except the loss history)."""
+        return {
+            "model": self.model,
+            "target": {"index": self.target, "label": self.label},
+            "scores": {"before": self.score_before, "after": self.score_after},
+            "top5": {"before": self.top5_before, "after": self.top5_after},
+            "config": self.config.to_dict(),
+            "iterations_run": self.iterations_run,
+            "cancelled": self.cancelled,
+            "timings": {"total_s": self.elapsed_s, **self.timings},
+            "history": self.history,
+        }
+
+
+class _LazyLosses(Mapping):
+    """Loss values of one step, read from the device only when accessed."""
+
+    def __init__(self, values: torch.Tensor):
+        self._values = values
+        self._cache: list[float] | None = None
+
+    def __getitem__(self, key: str) -> float:
+        if self._cache is None:
+            self._cache = self._values.tolist()
+        return self._cache[LOSS_KEYS.index(key)]
+
+    def __iter__(self):
+        return iter(LOSS_KEYS)
+
+    def __len__(self) -> int:
+        return len(LOSS_KEYS)
+
+
+def _top5(probs: torch.Tensor, classifier: Classifier) -> list[dict[str, Any]]:
+    values, indices = probs.topk(min(5, probs.numel()))
+    return [
+        {"index": int(i), "label": classifier.label(int(i)), "prob": float(p)}
+        for p, i in zip(values.tolist(), indices.tolist())
+    ]
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _probabilities(classifier: Classifier, x: torch.Tensor, precision: str) -> torch.Tensor:
+    """Softmax over classes of normalised ``x`` ``(N, 3, S, S)`` -> ``(N, C)`` float32."""
+    with _autocast(x.device, precision):
+        logits = classifier.module(x)
+    return torch.softmax(logits.float(), dim=1)
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+class MaskOptimisation:
+    """The state of one job's optimisation: its mask, Adam, noise stream and history.
+
+    Create with :meth:`create`; advance (with others) by :func:`step_batch`;
+    read the result with :meth:`result` once :attr:`done`.
+    """
+
+    def __init__(self) -> None:  # use create()
+        self.mask: torch.Tensor
+        self.optimizer: torch.optim.Optimizer
+
+    @classmethod
+    @torch.no_grad()
+    def create(
+        cls,
+        model: Classifier | nn.Module,
+        image: Any,
+        target: int | None = None,
+        config: PerturbationConfig = PerturbationConfig(),
+        on_step: OnStep | None = None,
+    ) -> "MaskOptimisation":
+        """Prepare a run: resize, blur, score the clean image, pick the target.
+
+        Args:
+            model: the black box (a :class:`Classifier`, or a bare module with
+                ImageNet normalisation).
+            image: ``(H, W, 3)`` uint8 RGB array or a float tensor in [0, 1].
+            target: class index; ``None`` explains the model's top-1.
+            config: a :class:`PerturbationConfig`.
+            on_step: progress callback (see :data:`OnStep`).
+        """
+        if not isinstance(config, PerturbationConfig):
+            raise ValueError(f"config must be a PerturbationConfig, got {type(config).__name__}")
+        classifier = Classifier.wrap(model)
+        self = cls()
+        self.started = time.perf_counter()
+        self.classifier_name = classifier.name
+        self.config = config
+        self.on_step = on_step or null_progress
+        self.device = classifier.device
+        size = config.input_size
+
+        self.image = prepare_image(image, size, self.device)  # (1, 3, S, S) [0, 1]
+        self.blurred = blurred_copy(self.image, config.blur)
+        self.image_n = classifier.normalise(self.image)
+        self.blurred_n = classifier.normalise(self.blurred)
+
+        with frozen(classifier.module):
+            probs = _probabilities(classifier, self.image_n, config.precision)[0]
+        num_classes = probs.numel()
+        if target is None:
+            target = int(probs.argmax())
+        if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
+            raise ValueError(f"target must be a class index (int) or None, got {target!r}")
+        if not 0 <= int(target) < num_classes:
+            raise ValueError(f"target must be between 0 and {num_classes - 1}, got {target}")
+        self.target = int(target)
+        self.label = classifier.label(self.target)
+        self.score_before = float(probs[self.target])
+        self.top5_before = _top5(probs, classifier)
+
+        self.mask = torch.ones(1, 1, config.mask_size, config.mask_size, device=self.device, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.mask], lr=config.learning_rate)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(config.seed)
+        self.iteration = 0
+        self.cancelled = False
+        self.history = torch.zeros(config.iterations, len(LOSS_KEYS), device=self.device)
+        self.setup_s = time.perf_counter() - self.started
+        return self
+
+    @property
+    def done(self) -> bool:
+        return self.cancelled or self.iteration >= self.config.iterations
+
+    def perturbed_input(self, noise: bool = True) -> torch.Tensor:
+        """The blended input in the model's normalised space, ``(1, 3, S, S)``."""
+        x = blend(self.image_n, self.blurred_n, upsample_mask(self.mask, self.config.input_size))
+        if noise and self.config.noise_std > 0:
+            x = x + self.config.noise_std * torch.randn(
+                x.shape, generator=self.generator, device=self.device, dtype=x.dtype
+            )
+        return x
+
+    def regularisers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(l1, tv)`` of the current mask, each a ``(1,)`` tensor."""
+        return l1_loss(self.mask), tv_loss(self.mask, self.config.tv_beta)
+
+    def finish_step(self, losses: torch.Tensor) -> None:
+        """Adam step, clamp, record ``losses`` (``(4,)``: total, l1, tv, score), report."""
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.mask.clamp_(0, 1)
+        self.history[self.iteration] = losses
+        self.iteration += 1
+        if self.on_step(self.iteration, self.config.iterations, _LazyLosses(losses)):
+            self.cancelled = True
+
+    @torch.no_grad()
+    def result(self, model: Classifier | nn.Module) -> Explanation:
+        """Score the final perturbation (no noise) and package the result."""
+        classifier = Classifier.wrap(model)
+        finish = time.perf_counter()
+        with frozen(classifier.module):
+            probs = _probabilities(classifier, self.perturbed_input(noise=False), self.config.precision)[0]
+        mask = self.mask.detach()
+        mask_up = upsample_mask(mask, self.config.input_size)
+        perturbed = blend(self.image, self.blurred, mask_up)[0]
+        history = self.history[: self.iteration].T.tolist()
+        end = time.perf_counter()
+        return Explanation(
+            mask=mask[0, 0].float().cpu().numpy(),
+            mask_upsampled=mask_up[0, 0].float().cpu().numpy(),
+            perturbed=(perturbed.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy(),
+            target=self.target,
+            label=self.label,
+            score_before=self.score_before,
+            score_after=float(probs[self.target]),
+            top5_before=self.top5_before,
+            top5_after=_top5(probs, classifier),
+            history={k: (history[i] if history else []) for i, k in enumerate(LOSS_KEYS)},
+            elapsed_s=end - self.started,
+            iterations_run=self.iteration,
+            cancelled=self.cancelled,
+            config=self.config,
+            model=self.classifier_name,
+            timings={"setup_s": self.setup_s, "optimise_s": finish - self.started - self.setup_s,
+                     "finalise_s": end - finish},
+        )
+
+
+def step_batch(model: Classifier | nn.Module, runs: Sequence[MaskOptimisation]) -> None:
+    """Advance every unfinished run by one step in one forward/backward batch.
+
+    Runs may differ in config (coefficients, mask size, seed, iterations) but
+    must share ``input_size``. Each run's mask, Adam state and noise stream are
+    its own, so each comes out as when run alone (within float tolerance).
+    """
+    active = [r for r in runs if not r.done]
+    if not active:
+        return
+    sizes = {r.config.input_size for r in active}
+    if len(sizes) != 1:
+        raise ValueError(f"runs in one batch must share input_size, got {sorted(sizes)}")
+    classifier = Classifier.wrap(model)
+    precision = "bf16" if any(r.config.precision == "bf16" for r in active) else "fp32"
+    with frozen(classifier.module), torch.enable_grad():
+        x = torch.cat([r.perturbed_input(noise=True) for r in active])
+        probs = _probabilities(classifier, x, precision)
+        targets = torch.tensor([r.target for r in active], device=x.device)
+        scores = probs.gather(1, targets[:, None])[:, 0]
+        totals = []
+        rows = []
+        for i, r in enumerate(active):
+            l1, tv = r.regularisers()
+            total = r.config.l1_coeff * l1[0] + r.config.tv_coeff * tv[0] + scores[i]
+            totals.append(total)
+            rows.append(torch.stack([total, l1[0], tv[0], scores[i]]).detach())
+        torch.stack(totals).sum().backward()
+    for r, losses in zip(active, rows):
+        r.finish_step(losses)
+
+
+def explain_batch(
+    model: Classifier | nn.Module,
+    images: Sequence[Any],
+    targets: Sequence[int | None] | None = None,
+    config: PerturbationConfig | Sequence[PerturbationConfig] = PerturbationConfig(),
+    on_step: OnStep | Sequence[OnStep | None] | None = None,
+) -> list[Explanation]:
+    """Optimise several masks together, one forward/backward batch per step.
+
+    Args:
+        images: each ``(H, W, 3)`` uint8 RGB.
+        targets: one class index (or ``None`` for top-1) per image.
+        config: one config for all, or one per image (same ``input_size``).
+        on_step: one callback for all, or one per image.
+    Returns:
+        One :class:`Explanation` per image, in order.
+    """
+    n = len(images)
+    targets = list(targets) if targets is not None else [None] * n
+    configs = [config] * n if isinstance(config, PerturbationConfig) else list(config)
+    callbacks = list(on_step) if isinstance(on_step, Sequence) else [on_step] * n
+    if not (len(targets) == len(configs) == len(callbacks) == n):
+        raise ValueError("images, targets, config and on_step must have the same length")
+    classifier = Classifier.wrap(model)
+    runs = [
+        MaskOptimisation.create(classifier, img, t, c, cb)
+        for img, t, c, cb in zip(images, targets, configs, callbacks)
+    ]
+    while not all(r.done for r in runs):
+        step_batch(classifier, runs)
+    return [r.result(classifier) for r in runs]
+
+
+def explain(
+    model: Classifier | nn.Module,
+    image: Any,
+    target: int | None = None,
+    config: PerturbationConfig = PerturbationConfig(),
+    on_step: OnStep | None = None,
+) -> Explanation:
+    """Explain ``model``'s decision for ``target`` on ``image``.
+
+    Runs on the model's device (move the model to CUDA to run there).
+
+    Args:
+        model: a :class:`Classifier` or a bare ``nn.Module`` (ImageNet
+            normalisation assumed); its training flag and ``requires_grad``
+            are restored on exit and its parameters never accumulate gradients.
+        image: ``(H, W, 3)`` uint8 RGB array (any size) or a float tensor in [0, 1].
+        target: class index; ``None`` explains the top-1 class.
+        config: hyperparameters (reference defaults).
+        on_step: ``on_step(iteration, total, losses)``; returning ``True`` stops
+            the run after the current step (``Explanation.cancelled``).
+    Returns:
+        An :class:`Explanation`.
+    """
+    return explain_batch(model, [image], [target], config, [on_step])[0]

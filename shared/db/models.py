@@ -1,0 +1,74 @@
+"""SQLAlchemy 2 typed models. The database is the source of truth for jobs."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, Uuid
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class JobStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+TERMINAL_STATUSES = tuple(s.value for s in JobStatus if s.terminal)
+
+
+class Job(Base):
+    """One explain job: queued -> running -> succeeded | failed | cancelled."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    status: Mapped[str] = mapped_column(String(16), index=True, default=JobStatus.QUEUED.value)
+    model: Mapped[str] = mapped_column(String(64))
+    # Requested target as given (index or label), resolved to index + label by the worker
+    # when absent (top-1) or by the web when it can.
+    target_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    target_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+    image_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    image_width: Mapped[int] = mapped_column(Integer)
+    image_height: Mapped[int] = mapped_column(Integer)
+    image_filename: Mapped[str] = mapped_column(String(255), default="image")
+
+    progress_iteration: Mapped[int] = mapped_column(Integer, default=0)
+    progress_total: Mapped[int] = mapped_column(Integer, default=0)
+    current_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    score_before: Mapped[float | None] = mapped_column(Float, nullable=True)
+    score_after: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # {"before": [{"index", "label", "prob"}...], "after": [...]}
+    top5: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # {"seconds": ..., "iterations_run": ..., ...}
+    timings: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    worker_hostname: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -1,0 +1,63 @@
+"""Configuration read from the environment (12-factor), shared by web and worker.
+
+Nothing here is read at import time: call :func:`load` when a process starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _csv(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Service settings.
+
+    Attributes:
+        data_dir: root for uploads (``uploads/<sha256>``) and job artifacts
+            (``jobs/<id>/``); env ``DATA_DIR``, default ``./data``.
+        database_url: SQLAlchemy URL; env ``DATABASE_URL``, default
+            ``sqlite:///<data_dir>/ebb.sqlite3``.
+        redis_url: Celery broker; env ``REDIS_URL``.
+        model: the model a worker preloads; env ``EBB_MODEL``.
+        models: models offered by the web form / accepted by the API;
+            env ``EBB_MODELS`` (comma separated), default: ``EBB_MODEL``.
+        max_batch: worker batch cap, env ``EBB_MAX_BATCH`` (0 = automatic).
+        api_tokens: bearer tokens; env ``EBB_API_TOKENS`` (comma separated).
+            Empty means the service is open.
+        max_upload_mb: upload size limit in MiB; env ``EBB_MAX_UPLOAD_MB``.
+        weights_file: optional local weights file for ``model``; env
+            ``EBB_WEIGHTS_FILE``.
+    """
+
+    data_dir: Path
+    database_url: str
+    redis_url: str
+    model: str
+    models: tuple[str, ...]
+    max_batch: int
+    api_tokens: tuple[str, ...] = field(default=())
+    max_upload_mb: float = 20.0
+    weights_file: str | None = None
+
+
+def load(environ: dict[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ
+    data_dir = Path(env.get("DATA_DIR", "data")).resolve()
+    model = env.get("EBB_MODEL", "vgg19")
+    return Settings(
+        data_dir=data_dir,
+        database_url=env.get("DATABASE_URL") or f"sqlite:///{data_dir / 'ebb.sqlite3'}",
+        redis_url=env.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        model=model,
+        models=_csv(env.get("EBB_MODELS")) or (model,),
+        max_batch=int(env.get("EBB_MAX_BATCH", "0") or 0),
+        api_tokens=_csv(env.get("EBB_API_TOKENS")),
+        max_upload_mb=float(env.get("EBB_MAX_UPLOAD_MB", "20")),
+        weights_file=env.get("EBB_WEIGHTS_FILE") or None,
+    )
