@@ -1,0 +1,1 @@
+"""Sub-commands of the ``ebb`` command line (each registers itself on a parser)."""
