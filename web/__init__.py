@@ -34,6 +34,7 @@ class WebState:
     storage: Any
     session_factory: Any
     labels: list[str]
+    celery: Any = None
     label_index: dict[str, int] = field(default_factory=dict)
 
 
@@ -85,6 +86,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     from shared.db.session import session_factory, upgrade
     from shared.models.labels import imagenet_labels
     from shared.storage import Storage
+    from worker.celery_app import create_celery_app
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if migrate:
@@ -95,6 +97,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         storage=Storage(settings.data_dir),
         session_factory=session_factory(settings.database_url),
         labels=labels,
+        celery=create_celery_app(redis_url=settings.redis_url),
         label_index={label: i for i, label in enumerate(labels)},
     )
     app.extensions["ebb"] = state

@@ -1,0 +1,84 @@
+"""The continuous-batching engine, on a tiny model."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from shared.attribution.perturbation import explain
+from worker.engine import BatchEngine, default_max_batch
+
+
+@pytest.fixture
+def engine(tiny):
+    eng = BatchEngine(tiny, max_batch=4).start()
+    yield eng
+    eng.stop()
+
+
+def test_results_equal_solo_runs(engine, tiny, cfg, images):
+    configs = [cfg, cfg.replace(seed=5, iterations=9), cfg.replace(mask_size=4, l1_coeff=0.1)]
+    futures = [engine.submit(images[i % 2], i + 1, c) for i, c in enumerate(configs)]
+    for i, (c, f) in enumerate(zip(configs, futures)):
+        got = f.result(timeout=60)
+        alone = explain(tiny, images[i % 2], i + 1, c)
+        assert got.iterations_run == c.iterations
+        np.testing.assert_allclose(got.mask, alone.mask, atol=1e-5)
+
+
+def test_jobs_share_batches(tiny, cfg, images):
+    gate = threading.Event()
+    eng = BatchEngine(tiny, max_batch=3)
+    # the first job waits in its first callback until the others are queued
+    first = eng.submit(images[0], 1, cfg, on_step=lambda it, total, losses: gate.wait(10) and None)
+    others = [eng.submit(images[1], 2, cfg.replace(seed=s)) for s in (1, 2, 3)]
+    gate.set()
+    for f in [first, *others]:
+        f.result(timeout=60)
+    eng.stop()
+    assert eng.max_seen_batch == 3  # capped by max_batch
+    # 4 jobs x 15 iterations in batches of at most 3 take fewer steps than 60
+    assert eng.steps < 4 * cfg.iterations
+
+
+def test_late_joiner_and_cancel_leave_others_alone(engine, tiny, cfg, images):
+    long_cfg = cfg.replace(iterations=40)
+    started = threading.Event()
+    a = engine.submit(images[0], 1, long_cfg, on_step=lambda it, t, l: started.set())
+    started.wait(10)
+    b = engine.submit(images[1], 3, cfg, on_step=lambda it, t, l: it >= 2)  # cancels itself
+    c = engine.submit(images[1], 4, cfg)  # joins mid-way
+    rb = b.result(timeout=60)
+    assert rb.cancelled and rb.iterations_run == 2
+    np.testing.assert_allclose(a.result(timeout=60).mask, explain(tiny, images[0], 1, long_cfg).mask, atol=1e-5)
+    np.testing.assert_allclose(c.result(timeout=60).mask, explain(tiny, images[1], 4, cfg).mask, atol=1e-5)
+
+
+def test_bad_job_fails_alone(engine, cfg, images):
+    bad = engine.submit(images[0], 99, cfg)
+    good = engine.submit(images[0], 1, cfg)
+    with pytest.raises(ValueError, match="target"):
+        bad.result(timeout=60)
+    assert good.result(timeout=60).iterations_run == cfg.iterations
+
+
+def test_groups_by_input_size(engine, cfg, images):
+    small = engine.submit(images[0], 1, cfg.replace(input_size=32, mask_size=4))
+    big = engine.submit(images[0], 1, cfg)
+    assert small.result(timeout=60).mask_upsampled.shape == (32, 32)
+    assert big.result(timeout=60).mask_upsampled.shape == (64, 64)
+
+
+def test_stop_fails_pending(tiny, cfg, images):
+    eng = BatchEngine(tiny, max_batch=1).start()
+    eng.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        eng.submit(images[0], 1, cfg)
+
+
+def test_bad_max_batch(tiny):
+    with pytest.raises(ValueError, match="max_batch"):
+        BatchEngine(tiny, max_batch=0)
+    assert default_max_batch("cpu") == 4

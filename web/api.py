@@ -1,0 +1,135 @@
+"""JSON API, version 1 (``/api/v1``). See :mod:`web.openapi` for the contract."""
+
+from __future__ import annotations
+
+import uuid
+
+from flask import Blueprint, jsonify, request, send_file, url_for
+
+from shared.attribution.config import PerturbationConfig
+
+from . import jobs as jobs_svc
+from .db import get_db, state
+from .errors import ApiError
+from .openapi import openapi_document
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+DEFAULT_LIMIT = 20
+MAX_LIMIT = 100
+
+
+@bp.post("/jobs")
+def create_job():
+    st = state()
+    try:
+        sub = jobs_svc.parse_submission(
+            request.form,
+            request.files.get("image"),
+            models=st.settings.models,
+            labels=st.labels,
+        )
+    except jobs_svc.SubmissionErrors as errors:
+        raise errors.first() from None
+    db = get_db()
+    job = jobs_svc.submit(db, st.storage, sub)
+    body = jobs_svc.job_to_dict(db, st.storage, job)
+    response = jsonify(body)
+    response.status_code = 202
+    response.headers["Location"] = body["links"]["self"]
+    return response
+
+
+@bp.get("/jobs")
+def list_jobs():
+    status = request.args.get("status") or None
+    if status is not None and status not in jobs_svc.STATUSES:
+        raise ApiError(400, "invalid_value",
+                       f"status must be one of {', '.join(jobs_svc.STATUSES)}", field="status")
+    raw_limit = request.args.get("limit")
+    limit = DEFAULT_LIMIT
+    if raw_limit not in (None, ""):
+        text = raw_limit.strip()
+        limit = int(text) if text.isascii() and text.isdigit() and len(text) <= 6 else -1
+        if not 1 <= limit <= MAX_LIMIT:
+            raise ApiError(400, "invalid_value",
+                           f"limit must be an integer between 1 and {MAX_LIMIT}", field="limit")
+    cursor = request.args.get("cursor") or None
+    db = get_db()
+    rows, next_cursor = jobs_svc.list_jobs(db, status=status, limit=limit, cursor=cursor)
+    st = state()
+    return jsonify({
+        "jobs": [jobs_svc.job_to_dict(db, st.storage, job) for job in rows],
+        "next_cursor": next_cursor,
+    })
+
+
+@bp.get("/jobs/<uuid:job_id>")
+def get_job(job_id: uuid.UUID):
+    db = get_db()
+    job = jobs_svc.get_job(db, job_id)
+    return jsonify(jobs_svc.job_to_dict(db, state().storage, job))
+
+
+@bp.post("/jobs/<uuid:job_id>/cancel")
+def cancel_job(job_id: uuid.UUID):
+    db = get_db()
+    job = jobs_svc.cancel_job(db, job_id)
+    return jsonify(jobs_svc.job_to_dict(db, state().storage, job))
+
+
+@bp.get("/jobs/<uuid:job_id>/artifacts/<name>")
+def job_artifact(job_id: uuid.UUID, name: str):
+    st = state()
+    path = jobs_svc.artifact_file(st.storage, job_id, name)
+    if path is None:
+        raise ApiError(404, "not_found",
+                       f"unknown artifact; expected one of {', '.join(jobs_svc.ARTIFACTS)}",
+                       field="name")
+    job = jobs_svc.get_job(get_db(), job_id)
+    if not path.is_file():
+        raise ApiError(404, "not_found", f"artifact {name} of job {job.id} does not exist (yet)")
+    mimetype = jobs_svc.ARTIFACT_MIMETYPES.get(path.suffix, "application/octet-stream")
+    download = request.args.get("download") in ("1", "true", "yes")
+    response = send_file(
+        path,
+        mimetype=mimetype,
+        as_attachment=download,
+        download_name=f"{job.id}-{path.name}",
+        max_age=0,
+        conditional=True,
+    )
+    response.headers["Cache-Control"] = "no-cache"
+    return response
+
+
+@bp.get("/models")
+def list_models():
+    st = state()
+    input_size = PerturbationConfig().input_size
+    return jsonify({
+        "default": st.settings.models[0],
+        "models": [
+            {
+                "name": name,
+                "queue": _queue(name),
+                "input_size": input_size,
+                "num_classes": len(st.labels),
+                "labels": st.labels,
+            }
+            for name in st.settings.models
+        ],
+    })
+
+
+def _queue(model: str) -> str:
+    from worker.celery_app import queue_for
+
+    return queue_for(model)
+
+
+@bp.get("/openapi.json")
+def openapi():
+    response = jsonify(openapi_document(server_url=url_for("api.list_models").rsplit("/", 1)[0]))
+    response.headers["Cache-Control"] = "public, max-age=300"
+    return response

@@ -1,0 +1,56 @@
+"""Liveness (``/healthz``) and readiness (``/readyz``) probes."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, jsonify
+from sqlalchemy import text
+
+from .db import get_db, state
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz():
+    """The process is up (no dependency is checked)."""
+    response = jsonify({"status": "ok"})
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.get("/readyz")
+def readyz():
+    """200 when the database answers ``SELECT 1`` and Redis answers PING, else 503."""
+    checks: dict[str, str] = {}
+    try:
+        get_db().execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - report, never raise
+        log.warning("readyz: database unreachable: %s", exc)
+        checks["database"] = f"error: {type(exc).__name__}"
+    try:
+        import redis
+
+        client = redis.Redis.from_url(
+            state().settings.redis_url, socket_connect_timeout=1.0, socket_timeout=1.0
+        )
+        try:
+            client.ping()
+        finally:
+            client.close()
+        checks["redis"] = "ok"
+    except Exception as exc:  # noqa: BLE001
+        log.warning("readyz: redis unreachable: %s", exc)
+        checks["redis"] = f"error: {type(exc).__name__}"
+    failed = [name for name, result in checks.items() if result != "ok"]
+    body = {"status": "ready" if not failed else "unavailable", "checks": checks}
+    if failed:
+        body["failed"] = failed
+    response = jsonify(body)
+    response.status_code = 200 if not failed else 503
+    response.headers["Cache-Control"] = "no-store"
+    return response

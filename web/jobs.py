@@ -1,0 +1,555 @@
+"""Job submission, queueing, cancellation and serialisation, shared by the
+HTML pages and the JSON API.
+
+Nothing here imports torch or OpenCV.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import math
+import re
+import unicodedata
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+from flask import current_app, url_for
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from shared.attribution.config import PerturbationConfig
+from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
+
+from .errors import ApiError
+
+log = logging.getLogger(__name__)
+
+#: Artifact key -> file name in the job's folder (the public API names both).
+#: Mirrors ``shared.imaging.render.ARTIFACT_NAMES``, which imports OpenCV and
+#: therefore cannot be imported here.
+ARTIFACTS: dict[str, str] = {
+    "mask_npy": "mask.npy",
+    "mask_png": "mask.png",
+    "heatmap_png": "heatmap.png",
+    "overlay_png": "overlay.png",
+    "perturbed_png": "perturbed.png",
+    "result_json": "result.json",
+}
+ARTIFACT_MIMETYPES = {
+    ".npy": "application/octet-stream",
+    ".png": "image/png",
+    ".json": "application/json",
+}
+
+#: Form/multipart fields of the settings a client may choose (order = display order).
+INT_FIELDS = ("iterations", "mask_size", "seed")
+FLOAT_FIELDS = ("learning_rate", "l1_coeff", "tv_coeff", "tv_beta", "noise_std")
+CHOICE_FIELDS = ("blur",)
+CONFIG_FIELDS = ("iterations", "learning_rate", "l1_coeff", "tv_coeff", "tv_beta",
+                 "noise_std", "mask_size", "seed", "blur")
+#: Order in which fields are validated (the API reports the first failure).
+FIELD_ORDER = ("image", "model", "target", *CONFIG_FIELDS)
+
+FILENAME_MAX = 100
+_INT_RE = re.compile(r"^[+-]?[0-9]{1,30}$")
+_FLOAT_MAX_LEN = 64
+STATUSES = tuple(s.value for s in JobStatus)
+
+
+# --------------------------------------------------------------------------- input
+
+
+@dataclass
+class Submission:
+    """A fully validated job request (nothing stored yet)."""
+
+    data: bytes
+    width: int
+    height: int
+    image_format: str
+    filename: str
+    model: str
+    target_index: int | None
+    target_label: str | None
+    config: PerturbationConfig
+
+
+class SubmissionErrors(Exception):
+    """Validation failures, field -> (code, message), in :data:`FIELD_ORDER`."""
+
+    def __init__(self, errors: dict[str, tuple[str, str]]):
+        super().__init__("; ".join(f"{k}: {m}" for k, (_, m) in errors.items()))
+        self.errors = dict(sorted(errors.items(), key=lambda kv: _field_rank(kv[0])))
+
+    def first(self) -> ApiError:
+        field, (code, message) = next(iter(self.errors.items()))
+        return ApiError(400, code, message, field=field)
+
+
+def _field_rank(name: str) -> int:
+    return FIELD_ORDER.index(name) if name in FIELD_ORDER else len(FIELD_ORDER)
+
+
+def clean_filename(name: str | None) -> str:
+    """A display-only file name: the last path part, without control characters,
+    at most 100 characters; ``"image"`` if nothing is left. Non-ASCII is kept."""
+    if not name:
+        return "image"
+    name = str(name).replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(
+        ch for ch in name if unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp")
+    )
+    name = " ".join(name.split())  # collapse odd whitespace
+    name = name.strip(" .")
+    if name in ("", ".", ".."):
+        return "image"
+    return name[:FILENAME_MAX]
+
+
+def _parse_int(field: str, raw: str) -> int:
+    text = raw.strip()
+    if not _INT_RE.match(text):
+        raise ValueError(f"{field} must be an integer, got {raw[:40]!r}")
+    return int(text)
+
+
+def _parse_float(field: str, raw: str) -> float:
+    text = raw.strip()
+    if len(text) > _FLOAT_MAX_LEN:
+        raise ValueError(f"{field} must be a number")
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{field} must be a number, got {raw[:40]!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{field} must be a finite number, got {raw[:40]!r}")
+    return value
+
+
+def _config_error_field(message: str) -> str:
+    for name in sorted(PerturbationConfig.field_names(), key=len, reverse=True):
+        if message.startswith(name):
+            return name
+    return "config"
+
+
+def parse_submission(
+    form: Mapping[str, str],
+    image: Any,
+    *,
+    models: tuple[str, ...],
+    labels: list[str],
+    max_pixels: int | None = None,
+) -> Submission:
+    """Validate a job request; raise :class:`SubmissionErrors` (stores nothing).
+
+    ``form`` maps field names to strings (unknown names are ignored; blank
+    values mean "default"); ``image`` is a werkzeug ``FileStorage`` or None.
+    The image is decoded by content, never by its name or content type.
+    """
+    from shared.imaging.decode import decode_image
+    from shared.models.labels import resolve_target
+
+    errors: dict[str, tuple[str, str]] = {}
+
+    def value(name: str) -> str:
+        raw = form.get(name)
+        return raw if isinstance(raw, str) else ""
+
+    # model
+    model = value("model").strip() or models[0]
+    if model not in models:
+        errors["model"] = ("unknown_model", f"unknown model {model[:64]!r}; served: {', '.join(models)}")
+
+    # target
+    target_index: int | None = None
+    try:
+        target_index = resolve_target(value("target"), labels)
+    except ValueError as exc:
+        errors["target"] = ("invalid_target", str(exc)[:500])
+
+    # config
+    changes: dict[str, Any] = {}
+    for name in INT_FIELDS + FLOAT_FIELDS + CHOICE_FIELDS:
+        raw = value(name)
+        if not raw.strip():
+            continue
+        try:
+            if name in INT_FIELDS:
+                changes[name] = _parse_int(name, raw)
+            elif name in FLOAT_FIELDS:
+                changes[name] = _parse_float(name, raw)
+            else:
+                changes[name] = raw.strip()
+        except ValueError as exc:
+            errors[name] = ("invalid_value", str(exc))
+    config: PerturbationConfig | None = None
+    if not any(n in errors for n in CONFIG_FIELDS):
+        try:
+            config = PerturbationConfig(**changes)
+        except ValueError as exc:
+            message = str(exc)
+            errors[_config_error_field(message)] = ("invalid_value", message)
+
+    # image (decoded by content)
+    data = b""
+    decoded = None
+    if image is None or getattr(image, "filename", None) is None:
+        errors["image"] = ("missing_field", "an image file is required (multipart field 'image')")
+    else:
+        data = image.read()
+        if not data:
+            errors["image"] = ("invalid_image", "the uploaded file is empty")
+        else:
+            try:
+                decoded = decode_image(data) if max_pixels is None else decode_image(
+                    data, max_pixels=max_pixels
+                )
+            except ValueError as exc:  # ImageDecodeError is a ValueError
+                reason = getattr(exc, "code", None)
+                errors["image"] = ("invalid_image", _image_message(exc, reason))
+
+    if errors:
+        raise SubmissionErrors(errors)
+    assert config is not None and decoded is not None
+    return Submission(
+        data=data,
+        width=int(decoded.width),
+        height=int(decoded.height),
+        image_format=str(decoded.format),
+        filename=clean_filename(getattr(image, "filename", None)),
+        model=model,
+        target_index=target_index,
+        target_label=labels[target_index] if target_index is not None else None,
+        config=config,
+    )
+
+
+def _image_message(exc: Exception, reason: str | None) -> str:
+    text = str(exc).strip() or "the file is not a supported image"
+    return text[:300]
+
+
+# --------------------------------------------------------------------------- create
+
+
+class QueueUnavailable(Exception):
+    pass
+
+
+def create_job(db: Session, storage: Any, sub: Submission) -> Job:
+    """Store the upload, insert the job (status queued) and commit."""
+    sha = storage.save_upload(sub.data)
+    job = Job(
+        id=uuid.uuid4(),
+        status=JobStatus.QUEUED.value,
+        model=sub.model,
+        target_index=sub.target_index,
+        target_label=sub.target_label,
+        config=sub.config.to_dict(),
+        image_sha256=sha,
+        image_width=sub.width,
+        image_height=sub.height,
+        image_filename=sub.filename,
+        progress_iteration=0,
+        progress_total=sub.config.iterations,
+        created_at=utcnow(),
+    )
+    db.add(job)
+    db.commit()
+    return job
+
+
+def enqueue(job: Job) -> None:
+    """Send the ``ebb.explain`` task for ``job`` to its model's queue.
+
+    Fails fast (no retries, short connect timeout): raises
+    :class:`QueueUnavailable` if the broker cannot be reached.
+    """
+    from worker.celery_app import TASK_EXPLAIN, queue_for
+
+    state = current_app.extensions["ebb"]
+    celery = state.celery
+    timeout = float(current_app.config.get("BROKER_CONNECT_TIMEOUT", 2.0))
+    try:
+        with celery.connection_for_write(
+            url=state.settings.redis_url,
+            connect_timeout=timeout,
+            transport_options={
+                "max_retries": 1,
+                "interval_start": 0,
+                "interval_step": 0.2,
+                "interval_max": 0.2,
+                "socket_connect_timeout": timeout,
+                "socket_timeout": max(timeout, 5.0),
+            },
+        ) as conn:
+            celery.send_task(
+                TASK_EXPLAIN,
+                args=[str(job.id)],
+                queue=queue_for(job.model),
+                task_id=str(job.id),
+                connection=conn,
+                retry=False,
+                ignore_result=True,
+            )
+    except Exception as exc:  # kombu OperationalError, redis ConnectionError, anything
+        log.warning("could not queue job %s: %s: %s", job.id, type(exc).__name__, exc)
+        raise QueueUnavailable(str(exc)) from exc
+
+
+def submit(db: Session, storage: Any, sub: Submission) -> Job:
+    """Create and queue a job; on a queue failure remove the row and raise
+    :class:`ApiError` 503 ``queue_unavailable``."""
+    job = create_job(db, storage, sub)
+    try:
+        enqueue(job)
+    except QueueUnavailable:
+        try:
+            db.execute(Job.__table__.delete().where(Job.id == job.id))
+            db.commit()
+        except Exception:  # pragma: no cover - the DB failing too
+            db.rollback()
+            log.exception("could not delete unqueued job %s", job.id)
+        raise ApiError(
+            503,
+            "queue_unavailable",
+            "The job queue is unavailable right now; nothing was queued. Please retry later.",
+        ) from None
+    return job
+
+
+# --------------------------------------------------------------------------- read
+
+
+def get_job(db: Session, job_id: uuid.UUID) -> Job:
+    job = db.get(Job, job_id)
+    if job is None:
+        raise ApiError(404, "not_found", f"job {job_id} not found")
+    return job
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # SQLite returns naive datetimes, stored as UTC
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+def iso(value: datetime | None) -> str | None:
+    value = as_utc(value)
+    return value.isoformat().replace("+00:00", "Z") if value is not None else None
+
+
+def queue_position(db: Session, job: Job) -> int | None:
+    """1-based place in the queue: 1 + queued jobs of the same model created before it."""
+    if job.status != JobStatus.QUEUED.value:
+        return None
+    ahead = db.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.status == JobStatus.QUEUED.value,
+            Job.model == job.model,
+            or_(
+                Job.created_at < job.created_at,
+                and_(Job.created_at == job.created_at, Job.id < job.id),
+            ),
+        )
+    )
+    return int(ahead or 0) + 1
+
+
+def elapsed_and_eta(job: Job, now: datetime | None = None) -> tuple[float | None, float | None]:
+    started = as_utc(job.started_at)
+    if started is None:
+        return None, None
+    end = as_utc(job.finished_at) or as_utc(now) or datetime.now(timezone.utc)
+    elapsed = max(0.0, (end - started).total_seconds())
+    eta = None
+    if job.status == JobStatus.RUNNING.value and job.progress_iteration and job.progress_total:
+        remaining = max(0, job.progress_total - job.progress_iteration)
+        eta = elapsed / job.progress_iteration * remaining
+    elif job.status == JobStatus.SUCCEEDED.value:
+        eta = 0.0
+    return round(elapsed, 3), (round(eta, 3) if eta is not None else None)
+
+
+def artifact_file(storage: Any, job_id: uuid.UUID, name: str) -> Path | None:
+    """Path of artifact ``name`` (a key or a file name) of ``job_id``; None if unknown."""
+    if name in ARTIFACTS:
+        filename = ARTIFACTS[name]
+    elif name in ARTIFACTS.values():
+        filename = name
+    else:
+        return None
+    return Path(storage.job_dir(job_id)) / filename
+
+
+def artifact_urls(storage: Any, job: Job) -> dict[str, str | None]:
+    urls: dict[str, str | None] = {}
+    done = job.status == JobStatus.SUCCEEDED.value
+    for key in ARTIFACTS:
+        path = artifact_file(storage, job.id, key) if done else None
+        urls[key] = (
+            url_for("api.job_artifact", job_id=job.id, name=key)
+            if path is not None and path.is_file()
+            else None
+        )
+    return urls
+
+
+def _num(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _top5(job: Job) -> dict[str, list[dict[str, Any]] | None]:
+    raw = job.top5 if isinstance(job.top5, dict) else {}
+    out: dict[str, list[dict[str, Any]] | None] = {}
+    for key in ("before", "after"):
+        rows = raw.get(key)
+        if not isinstance(rows, list):
+            out[key] = None
+            continue
+        clean = []
+        for row in rows:
+            if isinstance(row, dict):
+                clean.append({
+                    "index": row.get("index"),
+                    "label": row.get("label"),
+                    "prob": _num(row.get("prob")),
+                })
+        out[key] = clean
+    return out
+
+
+def job_to_dict(db: Session, storage: Any, job: Job) -> dict[str, Any]:
+    """The public JSON form of a job (see the OpenAPI document)."""
+    total = int(job.progress_total or 0)
+    iteration = int(job.progress_iteration or 0)
+    elapsed, eta = elapsed_and_eta(job)
+    return {
+        "id": str(job.id),
+        "status": job.status,
+        "model": job.model,
+        "target": {"index": job.target_index, "label": job.target_label},
+        "progress": {
+            "iteration": iteration,
+            "total": total,
+            "fraction": round(min(1.0, iteration / total), 4) if total > 0 else 0.0,
+        },
+        "scores": {"before": _num(job.score_before), "after": _num(job.score_after)},
+        "top5": _top5(job),
+        "config": job.config or {},
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "error": job.error,
+        "artifacts": artifact_urls(storage, job),
+        "queue_position": queue_position(db, job),
+        "current_score": _num(job.current_score),
+        "elapsed_s": elapsed,
+        "eta_s": eta,
+        "attempts": int(job.attempts or 0),
+        "worker": job.worker_hostname,
+        "timings": job.timings if isinstance(job.timings, dict) else None,
+        "cancel_requested": bool(job.cancel_requested),
+        "image": {
+            "sha256": job.image_sha256,
+            "width": job.image_width,
+            "height": job.image_height,
+            "filename": job.image_filename,
+        },
+        "links": {
+            "self": url_for("api.get_job", job_id=job.id),
+            "page": url_for("pages.job", job_id=job.id),
+            "image": url_for("pages.job_image", job_id=job.id),
+            "thumbnail": url_for("pages.job_thumbnail", job_id=job.id),
+        },
+    }
+
+
+# --------------------------------------------------------------------------- list
+
+
+def encode_cursor(job: Job) -> str:
+    created = as_utc(job.created_at)
+    assert created is not None
+    raw = json.dumps([created.isoformat(), str(job.id)], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        if len(cursor) > 200:
+            raise ValueError("too long")
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_s, id_s = json.loads(raw.decode())
+        created = datetime.fromisoformat(created_s)
+        if created.tzinfo is None:
+            raise ValueError("naive")
+        return created.astimezone(timezone.utc), uuid.UUID(id_s)
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise ApiError(400, "invalid_cursor", "cursor is not valid", field="cursor") from None
+
+
+def list_jobs(
+    db: Session, *, status: str | None, limit: int, cursor: str | None
+) -> tuple[list[Job], str | None]:
+    query = select(Job)
+    if status:
+        query = query.where(Job.status == status)
+    if cursor:
+        created, job_id = decode_cursor(cursor)
+        if db.get_bind().dialect.name == "sqlite":
+            created = created.replace(tzinfo=None)  # stored naive (UTC) in SQLite
+        query = query.where(
+            or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id))
+        )
+    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    rows = list(db.scalars(query))
+    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+def cancel_job(db: Session, job_id: uuid.UUID) -> Job:
+    """Cancel a queued job at once, ask a running one to stop; 409 if terminal."""
+    job = get_job(db, job_id)
+    now = utcnow()
+    result = db.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+        .values(status=JobStatus.CANCELLED.value, finished_at=now, cancel_requested=True,
+                error=None)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount == 0:
+        db.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
+            .values(cancel_requested=True)
+            .execution_options(synchronize_session=False)
+        )
+    db.commit()
+    db.refresh(job)
+    if job.status in TERMINAL_STATUSES and not (
+        job.status == JobStatus.CANCELLED.value and result.rowcount == 1
+    ):
+        raise ApiError(409, "conflict", f"job {job_id} is already {job.status}")
+    return job

@@ -1,0 +1,189 @@
+"""Continuous batching of mask optimisations on one device.
+
+One :class:`BatchEngine` per worker process owns the model and steps every
+active job's mask together in one forward/backward batch. A job that arrives
+while others run joins at the next step; a finished or cancelled job leaves
+without disturbing the others. Each job keeps its own iteration count, seed,
+config and progress callback; jobs whose ``input_size`` differs are stepped in
+separate groups. Results equal those of running each job alone (see
+``shared.attribution.perturbation.step_batch``).
+
+The engine is thread-based: Celery's ``threads`` pool runs one task per thread,
+each task calls :meth:`BatchEngine.submit` and waits on the returned future,
+while one engine thread runs the optimisation. Progress callbacks run on the
+engine thread, between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from shared.attribution.classifier import Classifier
+from shared.attribution.config import PerturbationConfig
+from shared.attribution.perturbation import Explanation, MaskOptimisation, OnStep, step_batch
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_BATCH = 4
+
+
+def default_max_batch(device: str) -> int:
+    """Batch cap for ``device``: 4 on a CPU; on a GPU about one job per GiB, at most 64."""
+    if not str(device).startswith("cuda"):
+        return CPU_DEFAULT_BATCH
+    import torch
+
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return max(1, min(64, int(total / 2**30)))
+
+
+@dataclass
+class _Pending:
+    image: Any
+    target: int | None
+    config: PerturbationConfig
+    on_step: OnStep | None
+    future: Future
+
+
+class BatchEngine:
+    """Steps up to ``max_batch`` jobs together on ``classifier``'s device.
+
+    Args:
+        classifier: the preloaded model.
+        max_batch: most jobs stepped together (>= 1).
+    """
+
+    def __init__(self, classifier: Classifier, max_batch: int = CPU_DEFAULT_BATCH):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.classifier = classifier
+        self.max_batch = max_batch
+        self._pending: deque[_Pending] = deque()
+        self._active: list[tuple[MaskOptimisation, Future]] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # batched steps taken, for tests and metrics
+        self.max_seen_batch = 0
+
+    # ----------------------------------------------------------------- public API
+
+    def start(self) -> "BatchEngine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="ebb-batch-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop the engine thread; jobs still pending or active fail with RuntimeError."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(
+        self,
+        image: Any,
+        target: int | None = None,
+        config: PerturbationConfig = PerturbationConfig(),
+        on_step: OnStep | None = None,
+    ) -> "Future[Explanation]":
+        """Queue one job; it joins the running batch at the next step.
+
+        Args:
+            image: ``(H, W, 3)`` uint8 RGB.
+            target: class index or ``None`` (top-1).
+            config: the job's own settings.
+            on_step: the job's progress callback; returning ``True`` cancels it.
+        Returns:
+            A future resolving to the job's :class:`Explanation` (or its error).
+        """
+        future: Future = Future()
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the batch engine is stopped")
+            self._pending.append(_Pending(image, target, config, on_step, future))
+            self._cond.notify_all()
+        self.start()
+        return future
+
+    def explain(self, image, target=None, config=PerturbationConfig(), on_step=None) -> Explanation:
+        """Submit and wait: the drop-in replacement for a direct ``explain`` call."""
+        return self.submit(image, target, config, on_step).result()
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    # ----------------------------------------------------------------- engine thread
+
+    def _admit(self) -> None:
+        """Move pending jobs into the batch while there is room (engine thread)."""
+        while True:
+            with self._cond:
+                if not self._pending or len(self._active) >= self.max_batch:
+                    return
+                job = self._pending.popleft()
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            try:
+                run = MaskOptimisation.create(self.classifier, job.image, job.target, job.config, job.on_step)
+            except Exception as exc:  # bad job: fail it alone
+                job.future.set_exception(exc)
+                continue
+            self._active.append((run, job.future))
+
+    def _retire(self) -> None:
+        still = []
+        for run, future in self._active:
+            if not run.done:
+                still.append((run, future))
+                continue
+            try:
+                future.set_result(run.result(self.classifier))
+            except Exception as exc:
+                future.set_exception(exc)
+        self._active = still
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._pending and not self._active:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+            self._admit()
+            groups: dict[int, list[tuple[MaskOptimisation, Future]]] = {}
+            for item in self._active:
+                groups.setdefault(item[0].config.input_size, []).append(item)
+            for items in groups.values():
+                runs = [r for r, _ in items]
+                try:
+                    step_batch(self.classifier, runs)
+                except Exception as exc:  # e.g. out of memory: fail this group, keep serving
+                    log.exception("batched step failed for %d job(s)", len(runs))
+                    for run, future in items:
+                        run.cancelled = True
+                        future.set_exception(exc)
+                    self._active = [a for a in self._active if a not in items]
+                    continue
+                self.steps += 1
+                self.max_seen_batch = max(self.max_seen_batch, len(runs))
+            self._retire()
+        error = RuntimeError("the batch engine stopped before the job finished")
+        for _, future in self._active:
+            if not future.done():
+                future.set_exception(error)
+        while self._pending:
+            job = self._pending.popleft()
+            if not job.future.done():
+                job.future.set_exception(error)
+        self._active = []

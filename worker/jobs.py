@@ -1,0 +1,334 @@
+"""Running one explain job against the database: claim, optimise, save, finish.
+
+:func:`run_job` is the body of the ``ebb.explain`` task, kept free of Celery
+so it can be tested directly. It is idempotent: a redelivered message for a
+finished, cancelled or (freshly) running job does nothing. Every write after
+the claim is conditional on the claimed attempt number, so a run that was
+superseded (the reaper re-queued it) cannot overwrite the newer one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Mapping
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
+from shared.db.session import retrying, session_factory
+from shared.storage import parse_job_id
+
+log = logging.getLogger(__name__)
+
+#: Minimum seconds between two progress writes (the last step always writes).
+PROGRESS_INTERVAL_S = 0.5
+MAX_ERROR_CHARS = 500
+
+
+class JobError(Exception):
+    """A job cannot run (bad input); its message is shown to the user as is."""
+
+
+class Superseded(Exception):
+    """This run no longer owns the job (re-queued elsewhere); drop it silently."""
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """``value`` as an aware UTC datetime (SQLite returns naive ones)."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def one_line(error: BaseException, limit: int = MAX_ERROR_CHARS) -> str:
+    """A readable one-line message for ``error`` (no traceback)."""
+    if isinstance(error, JobError):
+        text = str(error)
+    else:
+        detail = " ".join(str(error).split())
+        text = f"{type(error).__name__}: {detail}" if detail else type(error).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a run needs from the job row, read when it was claimed."""
+
+    job_id: uuid.UUID
+    attempt: int
+    image_sha256: str
+    config: dict[str, Any]
+    target_index: int | None
+    progress_floor: int
+    queued_s: float | None
+
+
+def _write(session: Session, fn: Callable[[], Any], attempts: int = 8) -> Any:
+    """Run ``fn`` then commit, retrying transient database errors."""
+
+    def unit():
+        result = fn()
+        session.commit()
+        return result
+
+    return retrying(unit, attempts=attempts, on_retry=lambda _e: session.rollback())
+
+
+def _claim(session: Session, job_id: uuid.UUID, runtime, hostname: str) -> Claim | None:
+    """Mark the job running for this attempt, or return ``None`` to skip it."""
+    session.expire_all()
+    job = session.get(Job, job_id)
+    if job is None:
+        log.warning("job %s not found; dropping the message", job_id)
+        return None
+    if job.status in TERMINAL_STATUSES:
+        log.info("job %s already %s; nothing to do", job_id, job.status)
+        return None
+    now = utcnow()
+    if job.cancel_requested:
+        job.status, job.finished_at = JobStatus.CANCELLED.value, now
+        log.info("job %s was cancelled before it started", job_id)
+        return None
+    if job.model != runtime.model_name:
+        job.status, job.error, job.finished_at = (
+            JobStatus.FAILED.value,
+            f"job for model {job.model!r} reached a worker for {runtime.model_name!r}",
+            now,
+        )
+        return None
+    if job.status == JobStatus.RUNNING.value:
+        beat = as_utc(job.heartbeat_at)
+        if beat is not None and now - beat < timedelta(seconds=runtime.heartbeat_timeout_s):
+            log.warning("job %s is running elsewhere (heartbeat %s); skipping duplicate", job_id, beat)
+            return None
+    if job.attempts >= runtime.max_attempts:
+        job.status, job.error = JobStatus.FAILED.value, f"gave up after {job.attempts} attempts"
+        job.finished_at = now
+        return None
+    seen_attempts, seen_status = job.attempts, job.status
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.attempts == seen_attempts, Job.status == seen_status)
+        .values(
+            status=JobStatus.RUNNING.value,
+            attempts=seen_attempts + 1,
+            started_at=now,
+            heartbeat_at=now,
+            worker_hostname=hostname[:255],
+            error=None,
+        )
+    )
+    if result.rowcount != 1:
+        log.info("job %s was claimed concurrently; skipping", job_id)
+        return None
+    return Claim(
+        job_id=job_id,
+        attempt=seen_attempts + 1,
+        image_sha256=job.image_sha256,
+        config=dict(job.config or {}),
+        target_index=job.target_index,
+        progress_floor=job.progress_iteration or 0,
+        queued_s=(now - as_utc(job.created_at)).total_seconds() if job.created_at else None,
+    )
+
+
+def _owned(claim: Claim):
+    """WHERE clause: the row still belongs to this run."""
+    return (Job.id == claim.job_id, Job.attempts == claim.attempt, Job.status == JobStatus.RUNNING.value)
+
+
+class ProgressReporter:
+    """The ``on_step`` callback: throttled progress + heartbeat writes and cancel checks.
+
+    Writes at most every :data:`PROGRESS_INTERVAL_S` and on the last step; at
+    each write reads ``cancel_requested``. Returns ``True`` (stop) when the
+    job was cancelled, superseded, or the worker is shutting down.
+    """
+
+    def __init__(self, session: Session, claim: Claim, stopping, interval_s: float = PROGRESS_INTERVAL_S):
+        self.session = session
+        self.claim = claim
+        self.stopping = stopping
+        self.interval_s = interval_s
+        self._last = float("-inf")
+        self.cancel_requested = False
+        self.superseded = False
+
+    def __call__(self, iteration: int, total: int, losses: Mapping[str, float]) -> bool | None:
+        now = time.monotonic()
+        if iteration < total and now - self._last < self.interval_s:
+            return None
+        self._last = now
+        score = float(losses["score"])
+        floor = self.claim.progress_floor
+
+        def write():
+            result = self.session.execute(
+                update(Job)
+                .where(*_owned(self.claim))
+                .values(
+                    progress_iteration=max(iteration, floor),
+                    progress_total=total,
+                    current_score=score,
+                    heartbeat_at=utcnow(),
+                )
+            )
+            cancel = self.session.execute(
+                select(Job.cancel_requested).where(Job.id == self.claim.job_id)
+            ).scalar_one_or_none()
+            return result.rowcount, cancel
+
+        try:
+            rowcount, cancel = _write(self.session, write, attempts=3)
+        except Exception as error:  # noqa: BLE001 - progress is best effort
+            log.warning("job %s: progress update failed: %s", self.claim.job_id, one_line(error))
+            self.session.rollback()
+            return True if self.stopping.is_set() else None
+        if rowcount != 1:
+            self.superseded = True
+            return True
+        if cancel:
+            self.cancel_requested = True
+            return True
+        if self.stopping.is_set():
+            return True
+        return None
+
+
+def _finish(session: Session, claim: Claim, **values: Any) -> bool:
+    """Conditional final write; ``False`` if the run was superseded."""
+    now = utcnow()
+    values.setdefault("finished_at", now)
+    values.setdefault("heartbeat_at", now)
+
+    def write():
+        return session.execute(update(Job).where(*_owned(claim)).values(**values)).rowcount
+
+    return _write(session, write, attempts=12) == 1
+
+
+def _decode(runtime, claim: Claim):
+    from shared.imaging.decode import ImageDecodeError, decode_image
+
+    try:
+        data = runtime.storage.read_upload(claim.image_sha256)
+    except (FileNotFoundError, ValueError):
+        raise JobError(f"the uploaded image is missing (sha256 {claim.image_sha256[:12]}…)") from None
+    try:
+        return decode_image(data)
+    except ImageDecodeError as error:
+        raise JobError(f"could not decode the image: {error}") from None
+
+
+def _config(claim: Claim):
+    from shared.attribution.config import PerturbationConfig
+
+    try:
+        return PerturbationConfig.from_dict(claim.config)
+    except (TypeError, ValueError) as error:
+        raise JobError(f"invalid settings: {error}") from None
+
+
+def run_job(job_id: str | uuid.UUID, runtime, hostname: str | None = None,
+            requeue: Callable[[uuid.UUID, str], Any] | None = None) -> str:
+    """Run job ``job_id`` to completion on ``runtime``; returns what happened.
+
+    Returns one of ``succeeded``, ``failed``, ``cancelled``, ``requeued``
+    (worker shutting down; ``requeue(job_id, model)`` re-sent it),
+    ``skipped`` (nothing to do) or ``superseded``. Job errors never propagate:
+    they end the job ``failed`` with a one-line message. Only a database that
+    stays unreachable through all retries raises (the reaper recovers those).
+    """
+    try:
+        jid = parse_job_id(job_id)
+    except ValueError:
+        log.error("dropping message with invalid job id %r", job_id)
+        return "skipped"
+    hostname = hostname or runtime.hostname
+    session = session_factory(runtime.database_url)()
+    try:
+        claim = _write(session, lambda: _claim(session, jid, runtime, hostname))
+        if claim is None:
+            return "skipped"
+        log.info("job %s: attempt %d started", jid, claim.attempt)
+        try:
+            return _execute(session, claim, runtime, requeue)
+        except Superseded:
+            log.warning("job %s: attempt %d superseded; dropping its result", jid, claim.attempt)
+            return "superseded"
+        except JobError as error:
+            log.warning("job %s failed: %s", jid, error)
+            message = one_line(error)
+        except Exception as error:  # noqa: BLE001 - the worker must carry on
+            log.exception("job %s failed", jid)
+            message = one_line(error)
+        session.rollback()
+        _finish(session, claim, status=JobStatus.FAILED.value, error=message)
+        return "failed"
+    finally:
+        session.close()
+
+
+def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
+    started = time.perf_counter()
+    decoded = _decode(runtime, claim)
+    config = _config(claim)
+    reporter = ProgressReporter(session, claim, runtime.stopping)
+    explanation = runtime.optimise(decoded.pixels, claim.target_index, config, on_step=reporter)
+    if reporter.superseded:
+        raise Superseded()
+    timings: dict[str, Any] = {
+        "seconds": explanation.elapsed_s,
+        "iterations_run": explanation.iterations_run,
+        **{k: float(v) for k, v in (explanation.timings or {}).items()},
+    }
+    if claim.queued_s is not None:
+        timings["queued_s"] = max(0.0, claim.queued_s)
+    common = dict(target_index=explanation.target, target_label=explanation.label[:200])
+
+    if explanation.cancelled and not reporter.cancel_requested:
+        # The worker is stopping: hand the job back to the queue.
+        if not _finish(session, claim, status=JobStatus.QUEUED.value, finished_at=None, enqueued_at=utcnow()):
+            raise Superseded()
+        if requeue is not None:
+            requeue(claim.job_id, runtime.model_name)
+        log.info("job %s: re-queued (worker shutting down)", claim.job_id)
+        return "requeued"
+    if explanation.cancelled:
+        timings["total_s"] = time.perf_counter() - started
+        if not _finish(session, claim, status=JobStatus.CANCELLED.value, timings=timings, **common):
+            raise Superseded()
+        log.info("job %s cancelled after %d iterations", claim.job_id, explanation.iterations_run)
+        return "cancelled"
+
+    from shared.imaging.render import save_artifacts
+
+    saving = time.perf_counter()
+    save_artifacts(runtime.storage.job_dir(claim.job_id), decoded.pixels, explanation)
+    timings["save_s"] = time.perf_counter() - saving
+    timings["total_s"] = time.perf_counter() - started
+    ok = _finish(
+        session,
+        claim,
+        status=JobStatus.SUCCEEDED.value,
+        progress_iteration=max(explanation.iterations_run, claim.progress_floor),
+        progress_total=config.iterations,
+        current_score=explanation.score_after,
+        score_before=explanation.score_before,
+        score_after=explanation.score_after,
+        top5={"before": explanation.top5_before, "after": explanation.top5_after},
+        timings=timings,
+        error=None,
+        **common,
+    )
+    if not ok:
+        raise Superseded()
+    log.info("job %s succeeded in %.1f s (score %.3f -> %.3f)", claim.job_id, timings["total_s"],
+             explanation.score_before, explanation.score_after)
+    return "succeeded"
