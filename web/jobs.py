@@ -200,10 +200,11 @@ def parse_submission(
     # image (decoded by content)
     data = b""
     decoded = None
-    if image is None or getattr(image, "filename", None) is None:
+    if image is not None:
+        data = image.read()
+    if image is None or (not data and not getattr(image, "filename", "")):
         errors["image"] = ("missing_field", "an image file is required (multipart field 'image')")
     else:
-        data = image.read()
         if not data:
             errors["image"] = ("invalid_image", "the uploaded file is empty")
         else:

@@ -201,7 +201,7 @@ def prepare_image(image: Any, size: int, device: torch.device | str = "cpu") -> 
             raise ValueError(
                 f"image must be an (H, W, 3) uint8 RGB array, got {image.dtype} {image.shape}"
             )
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255
+        x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float() / 255
     elif isinstance(image, torch.Tensor):
         x = image[None] if image.ndim == 3 else image
         if x.ndim != 4 or x.shape[:2] != (1, 3):

@@ -184,3 +184,14 @@ def retrying(
                     log.debug("on_retry hook failed", exc_info=True)
             time.sleep(delay)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def upgrade(url: str | None = None) -> str | None:
+    """Migrate ``url`` (default ``DATABASE_URL``) to the newest revision.
+
+    Shortcut for :func:`shared.db.migrations.upgrade_database`: idempotent,
+    safe when several processes start at once. Every start-up path calls it.
+    """
+    from shared.db.migrations import upgrade_database
+
+    return upgrade_database(url)

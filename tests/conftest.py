@@ -1,0 +1,34 @@
+"""Fixtures shared by every test directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: Example images shipped next to the repository (``/work/shared/images``).
+SHARED_IMAGES = REPO_ROOT.parent / "shared" / "images"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root (independent of the working directory)."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_images() -> Path:
+    """Folder of example images; skips the test when it is absent."""
+    if not SHARED_IMAGES.is_dir():
+        pytest.skip(f"example images not found at {SHARED_IMAGES}")
+    return SHARED_IMAGES
+
+
+@pytest.fixture(scope="session")
+def flute_jpg(shared_images: Path) -> Path:
+    """``flute.jpg`` from :func:`shared_images` (skips when absent)."""
+    path = shared_images / "flute.jpg"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    return path

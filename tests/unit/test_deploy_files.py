@@ -1,0 +1,96 @@
+"""docker-compose.yml and the Dockerfiles, checked by construction (no Docker engine here).
+
+Every command they run is also run by a test: `ebb models fetch` here,
+`ebb worker` and `gunicorn web.wsgi:app` in tests/integration.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _compose(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def _cmd(dockerfile: str) -> list[str]:
+    text = (ROOT / dockerfile).read_text()
+    match = re.findall(r'^CMD (\[.*\])', text, flags=re.M)
+    assert match, f"{dockerfile} has no exec-form CMD"
+    return yaml.safe_load(match[-1])
+
+
+def test_compose_services():
+    c = _compose("docker-compose.yml")
+    services = c["services"]
+    redis = " ".join(services["redis"]["command"])
+    assert "--appendonly yes" in redis and "--requirepass" in redis
+    assert any("/var/lib/postgresql/data" in v for v in services["postgres"]["volumes"])
+    assert services["web"]["build"]["dockerfile"] == "Dockerfile.web"
+    assert services["web"]["command"][0] == "gunicorn" and "web.wsgi:app" in services["web"]["command"]
+    workers = {k: v for k, v in services.items() if k.startswith("worker")}
+    assert len(workers) >= 2
+    device_ids = set()
+    for name, w in workers.items():
+        assert w["build"]["dockerfile"] == "Dockerfile.worker"
+        assert w["command"] == ["ebb", "worker"]
+        devices = w["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"]
+        assert len(devices[0]["device_ids"]) == 1, f"{name} must own exactly one GPU"
+        device_ids.add(devices[0]["device_ids"][0])
+        assert "/data" in " ".join(w["volumes"])
+        assert "redis://:" in w["environment"]["REDIS_URL"], "Redis password must be in the URL"
+    assert len(device_ids) == len(workers), "each worker service reserves its own GPU"
+    assert "ebb-data:/data" in services["web"]["volumes"]
+
+
+def test_worker_only_compose_points_at_the_main_machine():
+    c = _compose("docker-compose.worker.yml")
+    assert set(c["services"]) >= {"worker-gpu0"}
+    for w in c["services"].values():
+        env = w["environment"]
+        assert "EBB_MAIN_HOST" in env["DATABASE_URL"] and "EBB_MAIN_HOST" in env["REDIS_URL"]
+        assert w["command"] == ["ebb", "worker"]
+    assert c["volumes"]["ebb-data"]["driver_opts"]["type"] == "nfs"
+
+
+def test_web_image_has_no_torch():
+    text = (ROOT / "Dockerfile.web").read_text()
+    assert "requirements-worker" not in text and "torch" not in text.split("python -c")[0]
+    assert "torch" not in (ROOT / "requirements-web.txt").read_text()
+    assert _cmd("Dockerfile.web")[0] == "gunicorn"
+
+
+def test_worker_image_bakes_weights_and_runs_worker():
+    text = (ROOT / "Dockerfile.worker").read_text()
+    assert 'RUN ebb models fetch "${EBB_MODEL}"' in text
+    assert "TORCH_HOME=/opt/torch" in text
+    assert _cmd("Dockerfile.worker") == ["ebb", "worker"]
+
+
+@pytest.mark.realmodel
+def test_models_fetch_command_runs(tmp_path):
+    """The build step `ebb models fetch` works (offline model here)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "models", "fetch", "efficientnet_lite0"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "efficientnet_lite0: weights ready" in out.stdout
+
+
+def test_models_fetch_unknown_model_is_a_clear_error(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "models", "fetch", "no_such_model"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and "no_such_model" in out.stderr

@@ -1,0 +1,70 @@
+"""The upload form (Flask-WTF, CSRF protected).
+
+Values are validated by :func:`web.jobs.parse_submission`, the same code as
+the API, so the form and the API accept exactly the same inputs; the WTForms
+fields here render the inputs and carry their error messages.
+"""
+
+from __future__ import annotations
+
+from flask_wtf import FlaskForm
+from flask_wtf.file import FileField
+from wtforms import SelectField, StringField
+
+from shared.attribution.config import BLURS, PerturbationConfig
+
+_DEFAULTS = PerturbationConfig()
+_LIMITS = PerturbationConfig.limits()
+
+
+def _number(name: str, step: str) -> dict:
+    low, high = _LIMITS[name]
+    attrs = {"type": "number", "step": step, "inputmode": "decimal" if step == "any" else "numeric"}
+    if low is not None:
+        attrs["min"] = f"{low:g}"
+    if high is not None and high < 1e12:
+        attrs["max"] = f"{high:g}"
+    return attrs
+
+
+class JobForm(FlaskForm):
+    image = FileField("Image", render_kw={"accept": "image/*"})
+    model = SelectField("Model", choices=[], validate_choice=False)
+    target = StringField(
+        "Target class",
+        render_kw={"list": "labels", "placeholder": "Top-1 of the model on this image",
+                   "autocomplete": "off", "spellcheck": "false", "maxlength": "200"},
+    )
+    iterations = StringField("Iterations", default=str(_DEFAULTS.iterations),
+                             render_kw=_number("iterations", "1"))
+    learning_rate = StringField("Learning rate", default=f"{_DEFAULTS.learning_rate:g}",
+                                render_kw=_number("learning_rate", "any"))
+    l1_coeff = StringField("L1 coefficient", default=f"{_DEFAULTS.l1_coeff:g}",
+                           render_kw=_number("l1_coeff", "any"))
+    tv_coeff = StringField("TV coefficient", default=f"{_DEFAULTS.tv_coeff:g}",
+                           render_kw=_number("tv_coeff", "any"))
+    tv_beta = StringField("TV beta", default=f"{_DEFAULTS.tv_beta:g}",
+                          render_kw=_number("tv_beta", "any"))
+    noise_std = StringField("Noise std", default=f"{_DEFAULTS.noise_std:g}",
+                            render_kw=_number("noise_std", "any"))
+    mask_size = StringField("Mask size", default=str(_DEFAULTS.mask_size),
+                            render_kw=_number("mask_size", "1"))
+    seed = StringField("Seed", default=str(_DEFAULTS.seed), render_kw=_number("seed", "1"))
+    blur = SelectField("Blur", choices=[(b, b) for b in BLURS], default=_DEFAULTS.blur,
+                       validate_choice=False)
+
+    ADVANCED = ("learning_rate", "l1_coeff", "tv_coeff", "tv_beta", "noise_std",
+                "mask_size", "seed", "blur")
+    HELP = {
+        "target": "Leave blank to explain the class the model predicts; otherwise type to "
+                  "search the 1000 ImageNet labels (or give a class index 0-999).",
+        "iterations": "Optimisation steps (1-10000). More steps give a cleaner mask.",
+        "learning_rate": "Adam learning rate of the mask.",
+        "l1_coeff": "Sparsity: how strongly the mask is pushed to keep pixels.",
+        "tv_coeff": "Smoothness: total-variation penalty of the mask.",
+        "tv_beta": "Exponent of the total-variation term (1-10).",
+        "noise_std": "Gaussian noise added to the perturbed image on every step.",
+        "mask_size": "Side of the low-resolution mask (4-224).",
+        "seed": "Seed of the noise; same image, settings and seed give the same mask.",
+        "blur": "How the perturbed image is blurred.",
+    }

@@ -1,0 +1,435 @@
+"""The OpenAPI 3 document of the JSON API (served at ``/api/v1/openapi.json``)."""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from typing import Any
+
+from shared.attribution.config import BLURS, PerturbationConfig
+
+from .jobs import ARTIFACTS, STATUSES
+
+_LIMITS = PerturbationConfig.limits()
+_DEFAULTS = PerturbationConfig()
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "nullable": True}
+
+
+def _error_response(description: str, example_code: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/Error"},
+                "example": {"error": {"code": example_code, "message": description}},
+            }
+        },
+    }
+
+
+def _int_param(name: str, description: str) -> dict[str, Any]:
+    low, high = _LIMITS[name]
+    return {
+        "type": "integer",
+        "minimum": int(low),
+        "maximum": int(high),
+        "default": getattr(_DEFAULTS, name),
+        "description": description,
+    }
+
+
+def _float_param(name: str, description: str) -> dict[str, Any]:
+    low, high = _LIMITS[name]
+    return {
+        "type": "number",
+        "minimum": low,
+        "maximum": high,
+        "default": getattr(_DEFAULTS, name),
+        "description": description,
+    }
+
+
+_ARTIFACT_URLS = {
+    "type": "object",
+    "description": "Absolute-path URLs of the result files; null until the job succeeded.",
+    "properties": {key: _nullable({"type": "string"}) for key in ARTIFACTS},
+    "required": list(ARTIFACTS),
+}
+
+_TOP5_ROW = {
+    "type": "object",
+    "properties": {
+        "index": _nullable({"type": "integer"}),
+        "label": _nullable({"type": "string"}),
+        "prob": _nullable({"type": "number"}),
+    },
+}
+
+_JOB = {
+    "type": "object",
+    "required": [
+        "id", "status", "model", "target", "progress", "scores", "top5", "config",
+        "created_at", "started_at", "finished_at", "error", "artifacts", "queue_position",
+        "current_score", "elapsed_s", "eta_s", "attempts", "worker", "timings", "image",
+        "links",
+    ],
+    "properties": {
+        "id": {"type": "string", "format": "uuid"},
+        "status": {"type": "string", "enum": list(STATUSES)},
+        "model": {"type": "string"},
+        "target": {
+            "type": "object",
+            "description": "Class explained; null index/label until the worker resolved the "
+                           "model's top-1 class when none was requested.",
+            "properties": {
+                "index": _nullable({"type": "integer"}),
+                "label": _nullable({"type": "string"}),
+            },
+            "required": ["index", "label"],
+        },
+        "progress": {
+            "type": "object",
+            "properties": {
+                "iteration": {"type": "integer", "minimum": 0},
+                "total": {"type": "integer", "minimum": 0},
+                "fraction": {"type": "number", "minimum": 0, "maximum": 1},
+            },
+            "required": ["iteration", "total", "fraction"],
+        },
+        "scores": {
+            "type": "object",
+            "description": "Probability of the target class on the original image (before) "
+                           "and on the perturbed image (after).",
+            "properties": {
+                "before": _nullable({"type": "number"}),
+                "after": _nullable({"type": "number"}),
+            },
+            "required": ["before", "after"],
+        },
+        "top5": {
+            "type": "object",
+            "properties": {
+                "before": _nullable({"type": "array", "items": _TOP5_ROW}),
+                "after": _nullable({"type": "array", "items": _TOP5_ROW}),
+            },
+            "required": ["before", "after"],
+        },
+        "config": {
+            "type": "object",
+            "description": "The complete validated PerturbationConfig of the job.",
+            "additionalProperties": True,
+        },
+        "created_at": {"type": "string", "format": "date-time"},
+        "started_at": _nullable({"type": "string", "format": "date-time"}),
+        "finished_at": _nullable({"type": "string", "format": "date-time"}),
+        "error": _nullable({"type": "string"}),
+        "artifacts": _ARTIFACT_URLS,
+        "queue_position": _nullable({
+            "type": "integer", "minimum": 1,
+            "description": "1-based place among the queued jobs of the same model "
+                           "(null unless queued).",
+        }),
+        "current_score": _nullable({"type": "number",
+                                    "description": "Target probability at the current step."}),
+        "elapsed_s": _nullable({"type": "number", "minimum": 0}),
+        "eta_s": _nullable({"type": "number", "minimum": 0}),
+        "attempts": {"type": "integer", "minimum": 0},
+        "worker": _nullable({"type": "string"}),
+        "timings": _nullable({"type": "object", "additionalProperties": True}),
+        "cancel_requested": {"type": "boolean"},
+        "image": {
+            "type": "object",
+            "properties": {
+                "sha256": {"type": "string"},
+                "width": {"type": "integer"},
+                "height": {"type": "integer"},
+                "filename": {"type": "string",
+                             "description": "Cleaned original file name, for display only."},
+            },
+            "required": ["sha256", "width", "height", "filename"],
+        },
+        "links": {
+            "type": "object",
+            "properties": {
+                "self": {"type": "string"},
+                "page": {"type": "string"},
+                "image": {"type": "string"},
+                "thumbnail": {"type": "string"},
+            },
+            "required": ["self", "page"],
+        },
+    },
+}
+
+_JOB_ID = {
+    "name": "job_id",
+    "in": "path",
+    "required": True,
+    "description": "Job UUID; anything else is a 404.",
+    "schema": {"type": "string", "format": "uuid"},
+}
+
+_DESCRIPTION = """\
+Explain an image classifier's decision with Meaningful Perturbation
+(Fong & Vedaldi, ICCV 2017): find the smallest, smoothest region whose blurring
+destroys the score of the target class.
+
+Submit an image with `POST /jobs` (multipart/form-data). The job is queued and
+processed by a worker; poll `GET /jobs/{job_id}` for progress and, once it
+succeeded, fetch the result files from `artifacts`.
+
+* All settings are validated before anything is stored or queued; a bad value
+  returns 400 with `error.field` naming the form field.
+* Blank form values mean "use the default".
+* **Unknown form fields are ignored.**
+* The image is recognised by its content (never by file name or content type).
+* The original file name is kept for display only (cleaned: path parts and
+  control characters removed, at most 100 characters).
+* Errors always have the shape `{"error": {"code", "message", "field"?}}`.
+* Liveness and readiness probes live outside the API at `/healthz` and `/readyz`.
+"""
+
+
+def openapi_document(server_url: str = "/api/v1") -> dict[str, Any]:
+    errors = {
+        "400": _error_response("Invalid input.", "invalid_value"),
+        "404": _error_response("Not found.", "not_found"),
+        "405": _error_response("Method not allowed.", "method_not_allowed"),
+        "409": _error_response("The job is already finished.", "conflict"),
+        "413": _error_response("The upload is too large.", "payload_too_large"),
+        "503": _error_response("The job queue is unavailable; nothing was stored.",
+                               "queue_unavailable"),
+    }
+    job_ref = {"$ref": "#/components/schemas/Job"}
+    doc: dict[str, Any] = {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "explain-black-box API",
+            "version": "1.0.0",
+            "description": _DESCRIPTION,
+        },
+        "servers": [{"url": server_url}],
+        "paths": {
+            "/jobs": {
+                "post": {
+                    "operationId": "createJob",
+                    "summary": "Queue an explain job for an uploaded image.",
+                    "description": "Validates every field, stores the upload, records the "
+                                   "job and queues it. Unknown fields are ignored.",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "multipart/form-data": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["image"],
+                                    "additionalProperties": True,
+                                    "properties": {
+                                        "image": {
+                                            "type": "string",
+                                            "format": "binary",
+                                            "description": "The image (JPEG, PNG, WebP, ...).",
+                                        },
+                                        "model": {
+                                            "type": "string",
+                                            "description": "One of GET /models; default: the "
+                                                           "first served model.",
+                                        },
+                                        "target": {
+                                            "type": "string",
+                                            "description": "Class index (0-999) or exact "
+                                                           "label; blank: the model's top-1.",
+                                        },
+                                        "iterations": _int_param("iterations", "Adam steps."),
+                                        "learning_rate": _float_param("learning_rate",
+                                                                      "Adam learning rate."),
+                                        "l1_coeff": _float_param("l1_coeff",
+                                                                 "Weight of the sparsity term."),
+                                        "tv_coeff": _float_param("tv_coeff",
+                                                                 "Weight of the TV term."),
+                                        "tv_beta": _float_param("tv_beta", "TV exponent."),
+                                        "noise_std": _float_param("noise_std",
+                                                                  "Std of the added noise."),
+                                        "mask_size": _int_param("mask_size",
+                                                                "Side of the mask."),
+                                        "seed": _int_param("seed", "Noise seed."),
+                                        "blur": {"type": "string", "enum": list(BLURS),
+                                                 "default": _DEFAULTS.blur},
+                                    },
+                                },
+                                "encoding": {"image": {"contentType": "application/octet-stream"}},
+                            }
+                        },
+                    },
+                    "responses": {
+                        "202": {
+                            "description": "Queued. `Location` is the job's URL.",
+                            "headers": {"Location": {"schema": {"type": "string"}}},
+                            "content": {"application/json": {"schema": job_ref}},
+                        },
+                        "400": errors["400"],
+                        "405": errors["405"],
+                        "413": errors["413"],
+                        "503": errors["503"],
+                    },
+                },
+                "get": {
+                    "operationId": "listJobs",
+                    "summary": "List jobs, newest first (cursor pagination).",
+                    "parameters": [
+                        {"name": "status", "in": "query", "required": False,
+                         "schema": {"type": "string", "enum": list(STATUSES)}},
+                        {"name": "limit", "in": "query", "required": False,
+                         "schema": {"type": "integer", "minimum": 1, "maximum": 100,
+                                    "default": 20}},
+                        {"name": "cursor", "in": "query", "required": False,
+                         "description": "`next_cursor` of the previous page.",
+                         "schema": {"type": "string"}},
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "A page of jobs.",
+                            "content": {"application/json": {"schema": {
+                                "type": "object",
+                                "required": ["jobs", "next_cursor"],
+                                "properties": {
+                                    "jobs": {"type": "array", "items": job_ref},
+                                    "next_cursor": _nullable({"type": "string"}),
+                                },
+                            }}},
+                        },
+                        "400": errors["400"],
+                        "405": errors["405"],
+                    },
+                },
+            },
+            "/jobs/{job_id}": {
+                "parameters": [_JOB_ID],
+                "get": {
+                    "operationId": "getJob",
+                    "summary": "A job's status, progress and results.",
+                    "responses": {
+                        "200": {"description": "The job.",
+                                "content": {"application/json": {"schema": job_ref}}},
+                        "404": errors["404"],
+                        "405": errors["405"],
+                    },
+                },
+            },
+            "/jobs/{job_id}/cancel": {
+                "parameters": [_JOB_ID],
+                "post": {
+                    "operationId": "cancelJob",
+                    "summary": "Cancel a job.",
+                    "description": "A queued job is cancelled at once; a running job is asked "
+                                   "to stop (`cancel_requested`) and stops within about a "
+                                   "second; a finished job is a 409.",
+                    "responses": {
+                        "200": {"description": "The job after the request.",
+                                "content": {"application/json": {"schema": job_ref}}},
+                        "404": errors["404"],
+                        "405": errors["405"],
+                        "409": errors["409"],
+                    },
+                },
+            },
+            "/jobs/{job_id}/artifacts/{name}": {
+                "parameters": [
+                    _JOB_ID,
+                    {"name": "name", "in": "path", "required": True,
+                     "description": "Artifact key or file name.",
+                     "schema": {"type": "string",
+                                "enum": list(ARTIFACTS) + list(ARTIFACTS.values())}},
+                ],
+                "get": {
+                    "operationId": "getArtifact",
+                    "summary": "One result file of a job (404 until it exists).",
+                    "parameters": [
+                        {"name": "download", "in": "query", "required": False,
+                         "description": "`1` to get it as an attachment.",
+                         "schema": {"type": "string", "enum": ["0", "1"]}},
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The file.",
+                            "content": {
+                                "image/png": {"schema": {"type": "string", "format": "binary"}},
+                                "application/octet-stream": {
+                                    "schema": {"type": "string", "format": "binary"}},
+                                "application/json": {"schema": {"type": "object"}},
+                            },
+                        },
+                        "304": {"description": "Not modified (conditional request)."},
+                        "404": errors["404"],
+                        "405": errors["405"],
+                    },
+                },
+            },
+            "/models": {
+                "get": {
+                    "operationId": "listModels",
+                    "summary": "The served models with their labels and input size.",
+                    "responses": {
+                        "200": {
+                            "description": "Models.",
+                            "content": {"application/json": {"schema": {
+                                "type": "object",
+                                "required": ["default", "models"],
+                                "properties": {
+                                    "default": {"type": "string"},
+                                    "models": {"type": "array", "items": {
+                                        "type": "object",
+                                        "required": ["name", "input_size", "labels"],
+                                        "properties": {
+                                            "name": {"type": "string"},
+                                            "queue": {"type": "string"},
+                                            "input_size": {"type": "integer"},
+                                            "num_classes": {"type": "integer"},
+                                            "labels": {"type": "array",
+                                                       "items": {"type": "string"}},
+                                        },
+                                    }},
+                                },
+                            }}},
+                        },
+                        "405": errors["405"],
+                    },
+                },
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "getOpenAPI",
+                    "summary": "This document.",
+                    "responses": {
+                        "200": {"description": "OpenAPI 3 document.",
+                                "content": {"application/json": {"schema": {"type": "object"}}}},
+                        "405": errors["405"],
+                    },
+                },
+            },
+        },
+        "components": {
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "required": ["code", "message"],
+                            "properties": {
+                                "code": {"type": "string"},
+                                "message": {"type": "string"},
+                                "field": {"type": "string",
+                                          "description": "The offending input field."},
+                            },
+                        }
+                    },
+                },
+                "Job": _JOB,
+            }
+        },
+    }
+    return deepcopy(doc)

@@ -1,0 +1,312 @@
+"""HTML pages: the upload form, the live job page and the job list."""
+
+from __future__ import annotations
+
+import io
+import math
+import uuid
+from datetime import datetime
+from typing import Any
+
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    send_file,
+    url_for,
+)
+from sqlalchemy import func, select
+
+from shared.db.models import Job, JobStatus
+
+from . import jobs as jobs_svc
+from .db import get_db, state
+from .errors import ApiError
+from .forms import JobForm
+
+bp = Blueprint("pages", __name__)
+
+#: Formats every browser displays; anything else is re-encoded as PNG.
+_BROWSER_MIMES = {"image/jpeg", "image/png", "image/gif", "image/webp", "image/bmp"}
+THUMB_SIZE = 320
+
+RESULT_IMAGES = (
+    ("original", "Original"),
+    ("overlay_png", "Overlay"),
+    ("heatmap_png", "Heatmap"),
+    ("mask_png", "Mask"),
+    ("perturbed_png", "Perturbed"),
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@bp.app_template_filter("score")
+def fmt_score(value: Any) -> str:
+    if value is None:
+        return "–"
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "–"
+    if not math.isfinite(value):
+        return "–"
+    return f"{value:.3f}" if value >= 0.001 or value == 0 else f"{value:.1e}"
+
+
+@bp.app_template_filter("percent")
+def fmt_percent(value: Any) -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "–"
+    if not math.isfinite(value):
+        return "–"
+    return f"{value * 100:.1f}%" if value >= 0.001 else "<0.1%"
+
+
+@bp.app_template_filter("duration")
+def fmt_duration(seconds: Any) -> str:
+    try:
+        seconds = float(seconds)
+    except (TypeError, ValueError):
+        return "–"
+    if not math.isfinite(seconds) or seconds < 0:
+        return "–"
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+@bp.app_template_filter("when")
+def fmt_when(value: datetime | str | None) -> str:
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return value
+    value = jobs_svc.as_utc(value)
+    return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value else "–"
+
+
+@bp.app_template_filter("bar_width")
+def bar_width(value: Any) -> str:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "0%"
+    if not math.isfinite(value):
+        return "0%"
+    return f"{max(0.0, min(1.0, value)) * 100:.2f}%"
+
+
+@bp.app_template_filter("pretty_key")
+def pretty_key(value: str) -> str:
+    return str(value).replace("_", " ").capitalize()
+
+
+def _job_or_404(job_id: uuid.UUID) -> Job:
+    job = get_db().get(Job, job_id)
+    if job is None:
+        abort(404, description="This job does not exist.")
+    return job
+
+
+def _new_form(formdata: Any = None) -> JobForm:
+    if formdata is None:
+        form = JobForm(formdata=None)
+    else:
+        form = JobForm()
+    models = state().settings.models
+    form.model.choices = [(m, m) for m in models]
+    if not form.model.data:
+        form.model.data = models[0]
+    return form
+
+
+def _render_form(form: JobForm, status: int = 200, form_errors: list[str] | None = None):
+    st = state()
+    html = render_template(
+        "index.html",
+        form=form,
+        labels=st.labels,
+        form_errors=form_errors or [],
+        max_upload_mb=st.settings.max_upload_mb,
+        advanced_open=any(form[name].errors for name in form.ADVANCED),
+    )
+    return make_response(html, status)
+
+
+def form_error_response(status: int, message: str):
+    """The form page with ``message`` when an error hits the form's POST, else None."""
+    if request.method == "POST" and request.endpoint == "pages.submit":
+        return _render_form(_new_form(), status, [message])
+    return None
+
+
+# --------------------------------------------------------------------------- form
+
+
+@bp.get("/")
+def index():
+    return _render_form(_new_form())
+
+
+@bp.post("/")
+def submit():
+    form = _new_form(formdata=True)
+    st = state()
+    if not form.validate_on_submit():  # CSRF already checked by CSRFProtect
+        return _render_form(form, 400, ["The form could not be verified. Please try again."])
+    try:
+        sub = jobs_svc.parse_submission(
+            request.form, request.files.get("image"), models=st.settings.models, labels=st.labels
+        )
+    except jobs_svc.SubmissionErrors as errors:
+        for name, (_code, message) in errors.errors.items():
+            field = getattr(form, name, None)
+            if field is not None and hasattr(field, "errors"):
+                field.errors = list(field.errors) + [message]
+        return _render_form(form, 400, ["Please correct the highlighted fields."])
+    try:
+        job = jobs_svc.submit(get_db(), st.storage, sub)
+    except ApiError as exc:
+        return _render_form(form, exc.status, [exc.message])
+    return redirect(url_for("pages.job", job_id=job.id), code=303)
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@bp.get("/jobs")
+def jobs():
+    db = get_db()
+    per_page = int(current_app.config.get("JOBS_PER_PAGE", 20))
+    page = request.args.get("page", 1, type=int) or 1
+    total = int(db.scalar(select(func.count()).select_from(Job)) or 0)
+    pages = max(1, math.ceil(total / per_page))
+    page = max(1, min(page, pages))
+    rows = list(
+        db.scalars(
+            select(Job)
+            .order_by(Job.created_at.desc(), Job.id.desc())
+            .offset((page - 1) * per_page)
+            .limit(per_page)
+        )
+    )
+    items = []
+    for job in rows:
+        elapsed, _ = jobs_svc.elapsed_and_eta(job)
+        items.append({"job": job, "elapsed": elapsed})
+    return render_template("jobs.html", items=items, page=page, pages=pages, total=total)
+
+
+@bp.get("/jobs/<uuid:job_id>")
+def job(job_id: uuid.UUID):
+    db = get_db()
+    st = state()
+    row = _job_or_404(job_id)
+    data = jobs_svc.job_to_dict(db, st.storage, row)
+    images = []
+    if row.status == JobStatus.SUCCEEDED.value:
+        for key, title in RESULT_IMAGES:
+            url = (
+                url_for("pages.job_image", job_id=row.id)
+                if key == "original"
+                else data["artifacts"].get(key)
+            )
+            if url:
+                images.append({"key": key, "title": title, "url": url})
+    downloads = [
+        {"key": key, "name": jobs_svc.ARTIFACTS[key], "url": url}
+        for key, url in data["artifacts"].items()
+        if url
+    ]
+    return render_template(
+        "job.html", job=data, row=row, images=images, downloads=downloads,
+        terminal=row.status in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value,
+                                JobStatus.CANCELLED.value),
+    )
+
+
+@bp.post("/jobs/<uuid:job_id>/cancel")
+def cancel(job_id: uuid.UUID):
+    try:
+        row = jobs_svc.cancel_job(get_db(), job_id)
+    except ApiError as exc:
+        if exc.status == 404:
+            abort(404, description="This job does not exist.")
+        flash(exc.message, "warning")
+    else:
+        if row.status == JobStatus.CANCELLED.value:
+            flash("The job was cancelled.", "info")
+        else:
+            flash("Cancellation requested; the worker stops within a second.", "info")
+    return redirect(url_for("pages.job", job_id=job_id), code=303)
+
+
+def _open_upload(job: Job):
+    path = state().storage.upload_path(job.image_sha256)
+    if not path.is_file():
+        abort(404, description="The uploaded image is no longer available.")
+    return path
+
+
+@bp.get("/jobs/<uuid:job_id>/image")
+def job_image(job_id: uuid.UUID):
+    """The uploaded image, as uploaded when browsers can show it, else as PNG."""
+    from PIL import Image
+
+    job = _job_or_404(job_id)
+    path = _open_upload(job)
+    try:
+        with Image.open(path) as img:
+            mime = Image.MIME.get(img.format or "", "")
+            if mime not in _BROWSER_MIMES:
+                buffer = io.BytesIO()
+                img.convert("RGB").save(buffer, "PNG")
+                buffer.seek(0)
+                response = send_file(buffer, mimetype="image/png", max_age=86400)
+                return response
+    except (OSError, ValueError, Image.DecompressionBombError):
+        abort(404, description="The uploaded image cannot be displayed.")
+    return send_file(path, mimetype=mime, max_age=86400, conditional=True,
+                     download_name=job.image_filename)
+
+
+@bp.get("/jobs/<uuid:job_id>/thumbnail")
+def job_thumbnail(job_id: uuid.UUID):
+    """A small JPEG of the upload, cached under ``DATA_DIR/thumbnails``."""
+    from PIL import Image, ImageOps
+
+    from shared.storage import atomic_write
+
+    job = _job_or_404(job_id)
+    storage = state().storage
+    cache = storage.data_dir / "thumbnails" / f"{job.image_sha256}-{THUMB_SIZE}.jpg"
+    if not cache.is_file():
+        path = _open_upload(job)
+        try:
+            with Image.open(path) as img:
+                img.draft("RGB", (THUMB_SIZE, THUMB_SIZE))
+                img = ImageOps.exif_transpose(img)
+                img = img.convert("RGB")
+                img.thumbnail((THUMB_SIZE, THUMB_SIZE))
+                buffer = io.BytesIO()
+                img.save(buffer, "JPEG", quality=85, optimize=True)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            abort(404, description="The uploaded image cannot be displayed.")
+        atomic_write(cache, buffer.getvalue())
+    return send_file(cache, mimetype="image/jpeg", max_age=86400, conditional=True)

@@ -1,0 +1,81 @@
+// Live job page: polls the JSON API every 500 ms while the job is queued or
+// running, updates the progress, and reloads the page when the status changes.
+(function () {
+  "use strict";
+  var root = document.getElementById("job");
+  if (!root) return;
+  var api = root.getAttribute("data-api");
+  var status = root.getAttribute("data-status");
+  var TERMINAL = { succeeded: 1, failed: 1, cancelled: 1 };
+  if (TERMINAL[status]) return;
+
+  var $ = function (id) { return document.getElementById(id); };
+  var failures = 0;
+  var timer = null;
+
+  function duration(s) {
+    if (s === null || s === undefined || !isFinite(s) || s < 0) return "–";
+    if (s < 10) return s.toFixed(1) + " s";
+    if (s < 60) return Math.round(s) + " s";
+    var total = Math.round(s), m = Math.floor(total / 60), sec = total % 60;
+    if (m < 60) return m + " min " + (sec < 10 ? "0" : "") + sec + " s";
+    var h = Math.floor(m / 60); m = m % 60;
+    return h + " h " + (m < 10 ? "0" : "") + m + " min";
+  }
+  function score(v) {
+    if (v === null || v === undefined || !isFinite(v)) return "–";
+    return (v >= 0.001 || v === 0) ? v.toFixed(3) : v.toExponential(1);
+  }
+  function set(id, text) { var el = $(id); if (el) el.textContent = text; }
+
+  function render(job) {
+    var p = job.progress || {};
+    var bar = $("progress");
+    if (bar) {
+      if (p.total > 0) bar.max = p.total;
+      bar.value = p.iteration || 0;
+      bar.textContent = Math.round((p.fraction || 0) * 100) + "%";
+    }
+    set("iteration", p.iteration || 0);
+    set("total", p.total || 0);
+    set("current-score", score(job.current_score));
+    set("elapsed", duration(job.elapsed_s));
+    set("eta", duration(job.eta_s));
+    if (job.queue_position) set("queue-position", job.queue_position);
+    if (job.cancel_requested) {
+      var btn = $("cancel");
+      if (btn) { btn.disabled = true; btn.textContent = "Stopping…"; }
+    }
+  }
+
+  function schedule(ms) { timer = window.setTimeout(poll, ms); }
+
+  function poll() {
+    fetch(api, { headers: { "Accept": "application/json" }, cache: "no-store",
+                 credentials: "same-origin" })
+      .then(function (r) {
+        if (!r.ok) throw new Error("HTTP " + r.status);
+        return r.json();
+      })
+      .then(function (job) {
+        failures = 0;
+        set("live-note", "");
+        render(job);
+        if (job.status !== status) {
+          window.location.reload();
+          return;
+        }
+        schedule(500);
+      })
+      .catch(function () {
+        failures += 1;
+        set("live-note", "Connection problem; retrying…");
+        schedule(Math.min(5000, 500 * Math.pow(2, failures)));
+      });
+  }
+
+  document.addEventListener("visibilitychange", function () {
+    if (!document.hidden && timer === null) poll();
+  });
+  schedule(500);
+})();

@@ -1,0 +1,197 @@
+"""Recovering jobs whose worker vanished, or whose queue message was lost.
+
+* A ``running`` job whose heartbeat is older than the timeout lost its worker
+  (killed, machine gone): it is re-queued (the task re-sent) while it has
+  attempts left, else failed with a reason.
+* A ``queued`` job whose message was sent long ago (default 30 min) is re-sent:
+  Redis may have restarted and lost it. Duplicates are harmless, the task is
+  idempotent. One queued for more than a day fails ("no worker took it").
+* A ``queued`` job with ``cancel_requested`` becomes ``cancelled``.
+
+Every change is a compare-and-set ``UPDATE``, so several workers may reap at
+once without double-sending. Runs periodically in every worker
+(:class:`ReaperThread`) and on demand with ``ebb reap``. No torch here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Callable
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from shared.db.models import Job, JobStatus, utcnow
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REQUEUE_QUEUED_AFTER_S = 30 * 60.0
+DEFAULT_QUEUED_TIMEOUT_S = 24 * 60 * 60.0
+DEFAULT_REAP_INTERVAL_S = 60.0
+
+Send = Callable[[uuid.UUID, str], object]
+
+
+@dataclass
+class ReapReport:
+    """Ids of the jobs the reaper touched, by what it did."""
+
+    requeued: list[uuid.UUID] = field(default_factory=list)
+    failed: list[uuid.UUID] = field(default_factory=list)
+    resent: list[uuid.UUID] = field(default_factory=list)
+    cancelled: list[uuid.UUID] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.requeued or self.failed or self.resent or self.cancelled)
+
+    def summary(self) -> str:
+        return (f"requeued {len(self.requeued)}, failed {len(self.failed)}, "
+                f"resent {len(self.resent)}, cancelled {len(self.cancelled)}")
+
+
+def _default_send(job_id: uuid.UUID, model: str) -> object:
+    from worker.celery_app import send_explain
+
+    return send_explain(job_id, model)
+
+
+def _send(send: Send, job_id: uuid.UUID, model: str) -> None:
+    try:
+        send(job_id, model)
+    except Exception:  # noqa: BLE001 - the next pass re-sends queued jobs
+        log.exception("could not enqueue job %s; it stays queued for a later pass", job_id)
+
+
+def reap_stale_jobs(
+    session: Session,
+    heartbeat_timeout_s: float,
+    *,
+    max_attempts: int = 3,
+    requeue_queued_after_s: float | None = DEFAULT_REQUEUE_QUEUED_AFTER_S,
+    queued_timeout_s: float | None = DEFAULT_QUEUED_TIMEOUT_S,
+    send: Send | None = None,
+    now: datetime | None = None,
+) -> ReapReport:
+    """One reaper pass over ``session``'s database; commits its changes.
+
+    Args:
+        heartbeat_timeout_s: a ``running`` job silent for longer is stale.
+        max_attempts: a stale job with this many attempts fails instead.
+        requeue_queued_after_s: re-send ``queued`` jobs enqueued longer ago
+            (``None`` disables).
+        queued_timeout_s: fail ``queued`` jobs created longer ago (``None``
+            disables).
+        send: ``send(job_id, model)`` enqueues a job (default: Celery by name).
+        now: the current time (tests).
+    """
+    if heartbeat_timeout_s <= 0:
+        raise ValueError(f"heartbeat_timeout_s must be positive, got {heartbeat_timeout_s}")
+    send = send or _default_send
+    now = now or utcnow()
+    report = ReapReport()
+    running = JobStatus.RUNNING.value
+    queued = JobStatus.QUEUED.value
+
+    cutoff = now - timedelta(seconds=heartbeat_timeout_s)
+    stale = session.execute(
+        select(Job.id, Job.model, Job.attempts, Job.heartbeat_at).where(
+            Job.status == running,
+            or_(Job.heartbeat_at < cutoff, and_(Job.heartbeat_at.is_(None), Job.started_at < cutoff)),
+        )
+    ).all()
+    for job_id, model, attempts, beat in stale:
+        owned = (Job.id == job_id, Job.status == running, Job.attempts == attempts)
+        if attempts >= max_attempts:
+            done = session.execute(update(Job).where(*owned).values(
+                status=JobStatus.FAILED.value, finished_at=now,
+                error=(f"the worker stopped responding (no heartbeat for {heartbeat_timeout_s:g} s) "
+                       f"after {attempts} attempt{'s' if attempts != 1 else ''}"),
+            )).rowcount
+            session.commit()
+            if done:
+                log.warning("job %s failed: worker lost %d times", job_id, attempts)
+                report.failed.append(job_id)
+            continue
+        done = session.execute(update(Job).where(*owned).values(
+            status=queued, enqueued_at=now, heartbeat_at=None)).rowcount
+        session.commit()
+        if done:
+            log.warning("job %s: worker lost (last heartbeat %s); re-queued", job_id, beat)
+            _send(send, job_id, model)
+            report.requeued.append(job_id)
+
+    ids = session.execute(
+        select(Job.id).where(Job.status == queued, Job.cancel_requested.is_(True))
+    ).scalars().all()
+    for job_id in ids:
+        done = session.execute(update(Job).where(Job.id == job_id, Job.status == queued).values(
+            status=JobStatus.CANCELLED.value, finished_at=now)).rowcount
+        session.commit()
+        if done:
+            report.cancelled.append(job_id)
+
+    if queued_timeout_s is not None:
+        too_old = now - timedelta(seconds=queued_timeout_s)
+        ids = session.execute(select(Job.id).where(Job.status == queued, Job.created_at < too_old)).scalars().all()
+        for job_id in ids:
+            done = session.execute(update(Job).where(Job.id == job_id, Job.status == queued).values(
+                status=JobStatus.FAILED.value, finished_at=now,
+                error=f"no worker picked the job up within {queued_timeout_s / 3600:g} h",
+            )).rowcount
+            session.commit()
+            if done:
+                report.failed.append(job_id)
+
+    if requeue_queued_after_s is not None:
+        resend_cutoff = now - timedelta(seconds=requeue_queued_after_s)
+        rows = session.execute(
+            select(Job.id, Job.model, Job.enqueued_at).where(
+                Job.status == queued,
+                or_(Job.enqueued_at < resend_cutoff,
+                    and_(Job.enqueued_at.is_(None), Job.created_at < resend_cutoff)),
+            )
+        ).all()
+        for job_id, model, enqueued_at in rows:
+            same = Job.enqueued_at.is_(None) if enqueued_at is None else Job.enqueued_at == enqueued_at
+            done = session.execute(update(Job).where(Job.id == job_id, Job.status == queued, same)
+                                   .values(enqueued_at=now)).rowcount
+            session.commit()
+            if done:
+                log.info("job %s queued since %s: re-sending its message", job_id, enqueued_at)
+                _send(send, job_id, model)
+                report.resent.append(job_id)
+    if report:
+        log.info("reaper: %s", report.summary())
+    return report
+
+
+class ReaperThread(threading.Thread):
+    """Runs :func:`reap_stale_jobs` every ``interval_s`` until :meth:`stop`."""
+
+    def __init__(self, database_url: str, heartbeat_timeout_s: float, max_attempts: int,
+                 interval_s: float = DEFAULT_REAP_INTERVAL_S, send: Send | None = None):
+        super().__init__(name="ebb-reaper", daemon=True)
+        self.database_url = database_url
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.max_attempts = max_attempts
+        self.interval_s = interval_s
+        self.send = send
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:  # pragma: no cover - exercised by integration tests
+        from shared.db.session import session_scope
+
+        while not self._stop_event.wait(self.interval_s):
+            try:
+                with session_scope(self.database_url) as session:
+                    reap_stale_jobs(session, self.heartbeat_timeout_s,
+                                    max_attempts=self.max_attempts, send=self.send)
+            except Exception:  # noqa: BLE001 - keep reaping
+                log.exception("reaper pass failed")
