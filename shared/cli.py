@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from shared.commands import explain as explain_command
+from shared.commands import models as models_command
+
 log = logging.getLogger("ebb")
 
 
@@ -312,6 +315,8 @@ def add_run_command(subparsers) -> None:
 
 #: Subcommand registration functions, in help order. Append to add commands.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    explain_command.register,
+    models_command.register,
     add_db_command,
     add_worker_command,
     add_reap_command,

@@ -247,6 +247,7 @@ class QueueUnavailable(Exception):
 def create_job(db: Session, storage: Any, sub: Submission) -> Job:
     """Store the upload, insert the job (status queued) and commit."""
     sha = storage.save_upload(sub.data)
+    now = utcnow()
     job = Job(
         id=uuid.uuid4(),
         status=JobStatus.QUEUED.value,
@@ -260,7 +261,8 @@ def create_job(db: Session, storage: Any, sub: Submission) -> Job:
         image_filename=sub.filename,
         progress_iteration=0,
         progress_total=sub.config.iterations,
-        created_at=utcnow(),
+        created_at=now,
+        enqueued_at=now,
     )
     db.add(job)
     db.commit()
@@ -350,19 +352,23 @@ def iso(value: datetime | None) -> str | None:
 
 
 def queue_position(db: Session, job: Job) -> int | None:
-    """1-based place in the queue: 1 + queued jobs of the same model created before it."""
+    """1-based place in the queue: 1 + queued jobs of the same model queued before it.
+
+    Jobs are ordered by when their task was (last) sent, ``enqueued_at``
+    (``created_at`` for rows without it), which is the broker's order.
+    """
     if job.status != JobStatus.QUEUED.value:
         return None
+    mine = job.enqueued_at or job.created_at
+    key = func.coalesce(Job.enqueued_at, Job.created_at)
     ahead = db.scalar(
         select(func.count())
         .select_from(Job)
         .where(
             Job.status == JobStatus.QUEUED.value,
             Job.model == job.model,
-            or_(
-                Job.created_at < job.created_at,
-                and_(Job.created_at == job.created_at, Job.id < job.id),
-            ),
+            Job.id != job.id,
+            or_(key < mine, and_(key == mine, Job.id < job.id)),
         )
     )
     return int(ahead or 0) + 1

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--blur", choices=("mean", "gaussian", "median"), default=None, help="perturbation blur")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="model precision (default fp32)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler=run)
+    p.set_defaults(func=run)
 
 
 def _fail(message: str) -> int:

@@ -15,11 +15,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("models", help="list models or fetch their weights")
     sub = p.add_subparsers(dest="models_command", required=True)
     ls = sub.add_parser("list", help="list the models the registry can load")
-    ls.set_defaults(handler=run_list)
+    ls.set_defaults(func=run_list)
     fetch = sub.add_parser("fetch", help="download a model's weights into TORCH_HOME and check they load")
     fetch.add_argument("name", help="registry name, e.g. vgg19 or efficientnet_lite0")
     fetch.add_argument("--weights-file", default=None, help="check this local weights file instead")
-    fetch.set_defaults(handler=run_fetch)
+    fetch.set_defaults(func=run_fetch)
 
 
 def run_list(args: argparse.Namespace) -> int:

@@ -66,12 +66,17 @@ def redis_url() -> str:
 
 
 def _delete_keys(redis_url: str, needle: str) -> None:
+    """Delete this session's keys, and its entries in kombu's shared ``unacked`` hash."""
     import redis
 
     client = redis.Redis.from_url(redis_url)
     keys = list(client.scan_iter(match=f"*{needle}*"))
     if keys:
         client.delete(*keys)
+    mine = [tag for tag, payload in client.hscan_iter("unacked") if needle.encode() in payload]
+    if mine:
+        client.hdel("unacked", *mine)
+        client.zrem("unacked_index", *mine)
 
 
 @pytest.fixture(scope="session")
@@ -329,15 +334,33 @@ class Stack:
             session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
 
 
+def build_stack(start_worker, *, database_url: str, redis_url: str, data_dir: Path, queue_prefix: str,
+                name: str = "worker", wait: bool = True, **extra_env: str) -> Stack:
+    """Start a worker on ``database_url`` / ``queue_prefix`` and wrap it in a :class:`Stack`."""
+    env = worker_env(database_url=database_url, redis_url=redis_url, data_dir=data_dir,
+                     queue_prefix=queue_prefix, **extra_env)
+    worker = start_worker(env, name=name)
+    if wait:
+        worker.wait_ready()
+    return Stack(database_url, redis_url, data_dir, queue_prefix, worker, env)
+
+
 @pytest.fixture(scope="session")
 def stack(database_url, redis_url, queue_prefix, start_worker, tmp_path_factory) -> Stack:
     """One worker per database backend, shared by that backend's tests."""
-    data_dir = tmp_path_factory.mktemp("data")
-    env = worker_env(database_url=database_url, redis_url=redis_url, data_dir=data_dir,
-                     queue_prefix=queue_prefix)
-    worker = start_worker(env, name=f"worker-{database_url.split(':')[0].split('+')[0]}")
-    worker.wait_ready()
-    return Stack(database_url, redis_url, data_dir, queue_prefix, worker, env)
+    return build_stack(start_worker, database_url=database_url, redis_url=redis_url,
+                       data_dir=tmp_path_factory.mktemp("data"), queue_prefix=queue_prefix,
+                       name=f"worker-{database_url.split(':')[0].split('+')[0]}")
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    """A fresh, migrated SQLite database for one test."""
+    from shared.db.migrations import upgrade_database
+
+    url = f"sqlite:///{tmp_path / 'ebb.sqlite3'}"
+    upgrade_database(url)
+    return url
 
 
 # --------------------------------------------------------------------------- images

@@ -1,0 +1,806 @@
+"""The JSON API (``/api/v1``) against a real SQLite file and a real Redis broker.
+
+Redis database 13 on 127.0.0.1:6379 is flushed before and after each test; a
+submitted job is checked by reading the Celery message from the Redis list of
+its queue (``explain.<model>``). Skips when Redis is not running.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from web.testing import (
+    DEAD_REDIS_URL,
+    TEST_MODELS,
+    app_env,
+    flush_redis,
+    image_bytes,
+    queue_messages,
+    redis_available,
+)
+
+REDIS_DB = 13
+REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+MODEL = TEST_MODELS[0]
+QUEUE = f"explain.{MODEL}"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _redis():
+    problem = redis_available(REDIS_URL)
+    if problem:
+        pytest.skip(f"Redis not reachable at {REDIS_URL}: {problem}")
+    flush_redis(REDIS_URL)
+    yield
+    flush_redis(REDIS_URL)
+
+
+def make_app(tmp_path: Path, monkeypatch, **env):
+    from web import create_app
+
+    monkeypatch.delenv("EBB_QUEUE_PREFIX", raising=False)
+    for key, value in app_env(tmp_path / "data", REDIS_DB, **env).items():
+        monkeypatch.setenv(key, value)
+    flush_redis(REDIS_URL)
+    app = create_app({"TESTING": True})
+    return app
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    return make_app(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def png(size=(64, 48)) -> bytes:
+    return image_bytes("PNG", size)
+
+
+def jpeg(size=(64, 48)) -> bytes:
+    return image_bytes("JPEG", size)
+
+
+def post_job(client, data: bytes | None = b"", filename="photo.png", **fields):
+    form = {k: str(v) for k, v in fields.items()}
+    if data is not None:
+        form["image"] = (io.BytesIO(data if data != b"" else png()), filename)
+    return client.post("/api/v1/jobs", data=form, content_type="multipart/form-data")
+
+
+def rows(app):
+    from sqlalchemy import select
+
+    from shared.db.models import Job
+
+    with app.extensions["ebb"].session_factory() as db:
+        return list(db.scalars(select(Job)))
+
+
+def upload_files(app) -> list[Path]:
+    uploads = app.extensions["ebb"].settings.data_dir / "uploads"
+    return sorted(p for p in uploads.iterdir() if p.is_file()) if uploads.is_dir() else []
+
+
+def assert_nothing_stored(app):
+    assert rows(app) == []
+    assert upload_files(app) == []
+    assert queue_messages(REDIS_URL, QUEUE) == []
+
+
+def assert_error(response, status: int, field: str | None = None, code: str | None = None):
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.is_json
+    body = response.get_json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert isinstance(error["code"], str) and error["code"]
+    assert isinstance(error["message"], str) and error["message"]
+    assert "Traceback" not in error["message"]
+    if field is not None:
+        assert error.get("field") == field, error
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+def set_job(app, job_id, **values):
+    from sqlalchemy import update
+
+    from shared.db.models import Job
+
+    with app.extensions["ebb"].session_factory() as db:
+        db.execute(update(Job).where(Job.id == uuid.UUID(str(job_id))).values(**values))
+        db.commit()
+
+
+# --------------------------------------------------------------------------- create
+
+
+def test_create_job_queues_task_and_stores_everything(app, client):
+    response = post_job(client, png((80, 60)), filename="cat.png", iterations=40, seed=7)
+    assert response.status_code == 202, response.get_data(as_text=True)
+    body = response.get_json()
+    job_id = body["id"]
+    uuid.UUID(job_id)
+    assert body["status"] == "queued"
+    assert body["links"]["self"] == f"/api/v1/jobs/{job_id}"
+    assert body["links"]["page"] == f"/jobs/{job_id}"
+    assert response.headers["Location"].endswith(f"/api/v1/jobs/{job_id}")
+    assert body["progress"] == {"iteration": 0, "total": 40, "fraction": 0.0}
+    assert body["queue_position"] == 1
+    assert body["image"]["width"] == 80 and body["image"]["height"] == 60
+    assert body["image"]["filename"] == "cat.png"
+    assert body["config"]["iterations"] == 40 and body["config"]["seed"] == 7
+
+    [job] = rows(app)
+    assert str(job.id) == job_id
+    assert job.status == "queued"
+    assert job.model == MODEL
+    assert job.progress_total == 40
+    assert job.target_index is None and job.target_label is None
+    from shared.attribution.config import PerturbationConfig
+
+    assert job.config == PerturbationConfig(iterations=40, seed=7).to_dict()
+    [upload] = upload_files(app)
+    assert upload.name == job.image_sha256
+    assert upload.read_bytes() == png((80, 60))
+
+    [message] = queue_messages(REDIS_URL, QUEUE)
+    assert message["task"] == "ebb.explain"
+    assert message["args"] == [job_id]
+    assert message["routing_key"] == QUEUE
+
+
+def test_second_model_goes_to_its_own_queue(app, client):
+    response = post_job(client, model="vgg19")
+    assert response.status_code == 202
+    [message] = queue_messages(REDIS_URL, "explain.vgg19")
+    assert message["args"] == [response.get_json()["id"]]
+    assert queue_messages(REDIS_URL, QUEUE) == []
+
+
+@pytest.mark.parametrize(
+    "target, index, label",
+    [("558", 558, "flute"), ("flute", 558, "flute"), ("  Flute ", 558, "flute"),
+     ("0", 0, "tench"), ("999", 999, "toilet tissue")],
+)
+def test_target_by_index_or_label(app, client, target, index, label):
+    from shared.models.labels import imagenet_labels
+
+    response = post_job(client, target=target)
+    assert response.status_code == 202, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["target"] == {"index": index, "label": imagenet_labels()[index]}
+    assert imagenet_labels()[index] == label
+    [job] = rows(app)
+    assert (job.target_index, job.target_label) == (index, label)
+
+
+def test_blank_fields_mean_defaults_and_unknown_fields_are_ignored(app, client):
+    response = post_job(client, iterations="", target="", model="", learning_rate=" ",
+                        input_size="64", precision="bf16", color="blue", foo="bar")
+    assert response.status_code == 202, response.get_data(as_text=True)
+    config = response.get_json()["config"]
+    assert config["iterations"] == 500
+    assert config["input_size"] == 224  # not settable through the API
+    assert config["precision"] == "fp32"
+
+
+def test_all_settings_accepted(app, client):
+    response = post_job(client, iterations=12, learning_rate="0.05", l1_coeff="0.02",
+                        tv_coeff="0.1", tv_beta="2", noise_std="0", mask_size="16",
+                        seed="123", blur="gaussian")
+    assert response.status_code == 202, response.get_data(as_text=True)
+    config = response.get_json()["config"]
+    assert config == {**config, "iterations": 12, "learning_rate": 0.05, "l1_coeff": 0.02,
+                      "tv_coeff": 0.1, "tv_beta": 2.0, "noise_std": 0.0, "mask_size": 16,
+                      "seed": 123, "blur": "gaussian"}
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 300), (3000, 2)])
+def test_tiny_and_thin_images_work(app, client, size):
+    response = post_job(client, png(size))
+    assert response.status_code == 202, response.get_data(as_text=True)
+    assert (response.get_json()["image"]["width"], response.get_json()["image"]["height"]) == size
+
+
+def test_jpeg_with_png_name_is_accepted_by_content(app, client):
+    response = post_job(client, jpeg(), filename="really-a-jpeg.png")
+    assert response.status_code == 202
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _truncated(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+BAD_IMAGES = {
+    "empty": b"",
+    "text": b"hello, this is just some text\n" * 20,
+    "html": b"<!doctype html><html><body><script>alert(1)</script></body></html>",
+    "pdf": b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << >>\n%%EOF\n",
+    "svg": b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>',
+    "truncated_png": _truncated(image_bytes("PNG", (128, 128))),
+    "truncated_jpeg": _truncated(image_bytes("JPEG", (128, 128))),
+    "png_header_only": image_bytes("PNG")[:16],
+    "random": bytes(range(256)) * 8,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_IMAGES))
+def test_bad_images_rejected_and_nothing_stored(app, client, kind):
+    data = BAD_IMAGES[kind]
+    form = {"image": (io.BytesIO(data), "image.png"), "iterations": "10"}
+    response = client.post("/api/v1/jobs", data=form, content_type="multipart/form-data")
+    error = assert_error(response, 400, field="image")
+    assert error["code"] in ("invalid_image", "missing_field")
+    assert_nothing_stored(app)
+
+
+def test_missing_image_field(app, client):
+    response = post_job(client, None, iterations=10)
+    assert_error(response, 400, field="image", code="missing_field")
+    assert_nothing_stored(app)
+
+
+def test_image_sent_as_plain_form_field_is_not_a_file(app, client):
+    response = client.post("/api/v1/jobs", data={"image": "not a file"})
+    assert_error(response, 400, field="image")
+    assert_nothing_stored(app)
+
+
+def test_json_body_instead_of_multipart(app, client):
+    response = client.post("/api/v1/jobs", json={"image": "x", "iterations": 5})
+    assert_error(response, 400, field="image")
+    assert_nothing_stored(app)
+
+
+def test_unknown_model(app, client):
+    response = post_job(client, model="resnet9000")
+    assert_error(response, 400, field="model", code="unknown_model")
+    assert_nothing_stored(app)
+
+
+@pytest.mark.parametrize("target", ["1000", "-1", "99999999999999999999", "not a class",
+                                    "flutee", "558.0"])
+def test_bad_target(app, client, target):
+    response = post_job(client, target=target)
+    assert_error(response, 400, field="target", code="invalid_target")
+    assert_nothing_stored(app)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("iterations", "0"), ("iterations", "-1"), ("iterations", "1000000000"),
+        ("iterations", "abc"), ("iterations", "1.5"), ("iterations", "1e3"),
+        ("iterations", "9" * 5000), ("iterations", "NaN"), ("iterations", "0x10"),
+        ("mask_size", "3"), ("mask_size", "225"), ("mask_size", "ten"),
+        ("seed", "-1"), ("seed", "1.5"), ("seed", str(2**64)),
+        ("learning_rate", "nan"), ("learning_rate", "NaN"), ("learning_rate", "inf"),
+        ("learning_rate", "-inf"), ("learning_rate", "Infinity"), ("learning_rate", "0"),
+        ("learning_rate", "abc"), ("learning_rate", "1e400"),
+        ("l1_coeff", "nan"), ("l1_coeff", "-0.1"), ("tv_coeff", "inf"), ("tv_coeff", "101"),
+        ("tv_beta", "0.5"), ("tv_beta", "nan"), ("noise_std", "-1"), ("noise_std", "inf"),
+        ("blur", "box"), ("blur", "MEAN"),
+    ],
+)
+def test_bad_settings_name_the_field(app, client, field, value):
+    response = post_job(client, **{field: value})
+    error = assert_error(response, 400, field=field, code="invalid_value")
+    assert field in error["message"]
+    assert_nothing_stored(app)
+
+
+def test_first_error_reported_in_field_order(app, client):
+    response = post_job(client, None, model="nope", iterations="abc")
+    assert_error(response, 400, field="image")
+    assert_nothing_stored(app)
+
+
+def test_upload_too_large_is_413_json(tmp_path, monkeypatch):
+    app = make_app(tmp_path, monkeypatch, EBB_MAX_UPLOAD_MB="0.05")
+    client = app.test_client()
+    big = os.urandom(80 * 1024)
+    response = client.post("/api/v1/jobs", data={"image": (io.BytesIO(big), "big.png")},
+                           content_type="multipart/form-data")
+    error = assert_error(response, 413, code="payload_too_large")
+    assert "0.05" in error["message"]
+    assert_nothing_stored(app)
+
+
+# --------------------------------------------------------------------------- file names
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("../../etc/passwd.png", "passwd.png"),
+        ("..\\..\\windows\\system32\\evil.png", "evil.png"),
+        ("/abs/path/x.png", "x.png"),
+        ("a\x00b.png", "ab.png"),
+        ("line\nbreak\r\ttab.png", "linebreaktab.png"),
+        ("..", "image"),
+        ("фото кота 猫.png", "фото кота 猫.png"),
+        ("x" * 1000 + ".png", "x" * 100),
+    ],
+)
+def test_hostile_file_names_cleaned_for_display_only(app, client, raw, expected):
+    response = post_job(client, png(), filename=raw)
+    assert response.status_code == 202, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["image"]["filename"] == expected
+    [job] = rows(app)
+    assert job.image_filename == expected
+    # Storage is content-addressed: the name never reaches the file system.
+    data_dir = app.extensions["ebb"].settings.data_dir
+    [upload] = upload_files(app)
+    assert upload.parent == data_dir / "uploads" and upload.name == job.image_sha256
+    assert not (tmp_outside := data_dir.parent / "etc").exists(), tmp_outside
+
+
+def test_clean_filename_unit():
+    from web.jobs import clean_filename
+
+    assert clean_filename(None) == "image"
+    assert clean_filename("") == "image"
+    assert clean_filename("   ") == "image"
+    assert clean_filename("a/b/\u202eevil.png") == "evil.png"  # bidi override removed
+    assert clean_filename("ok.png") == "ok.png"
+    assert len(clean_filename("é" * 500)) == 100
+
+
+# --------------------------------------------------------------------------- redis down
+
+
+def test_redis_down_returns_503_and_leaves_no_row(tmp_path, monkeypatch):
+    app = make_app(tmp_path, monkeypatch, REDIS_URL=DEAD_REDIS_URL)
+    client = app.test_client()
+    started = time.monotonic()
+    response = post_job(client, png(), iterations=10)
+    elapsed = time.monotonic() - started
+    assert_error(response, 503, code="queue_unavailable")
+    assert elapsed < 5, f"503 took {elapsed:.1f} s"
+    assert rows(app) == []
+    # The page form says the same thing, with a 503 and no row either.
+    page = client.get("/")
+    assert page.status_code == 200
+
+
+# --------------------------------------------------------------------------- read
+
+
+def test_get_job_contract(app, client):
+    job_id = post_job(client, target="flute", iterations=20).get_json()["id"]
+    response = client.get(f"/api/v1/jobs/{job_id}")
+    assert response.status_code == 200
+    assert response.headers["Cache-Control"] == "no-store"
+    body = response.get_json()
+    for key in ("id", "status", "model", "target", "progress", "scores", "top5", "config",
+                "created_at", "started_at", "finished_at", "error", "artifacts",
+                "queue_position", "current_score", "elapsed_s", "eta_s", "attempts", "worker",
+                "timings", "image"):
+        assert key in body, key
+    assert set(body["target"]) == {"index", "label"}
+    assert set(body["progress"]) == {"iteration", "total", "fraction"}
+    assert set(body["scores"]) == {"before", "after"}
+    assert set(body["top5"]) == {"before", "after"}
+    assert set(body["image"]) == {"sha256", "width", "height", "filename"}
+    assert set(body["artifacts"]) == {"mask_npy", "mask_png", "heatmap_png", "overlay_png",
+                                      "perturbed_png", "result_json"}
+    assert all(v is None for v in body["artifacts"].values())
+    created = datetime.fromisoformat(body["created_at"].replace("Z", "+00:00"))
+    assert created.tzinfo is not None and created.utcoffset() == timedelta(0)
+    assert body["started_at"] is None and body["elapsed_s"] is None
+
+
+def test_running_job_progress_and_eta(app, client):
+    job_id = post_job(client, iterations=100).get_json()["id"]
+    started = datetime.now(timezone.utc) - timedelta(seconds=10)
+    set_job(app, job_id, status="running", started_at=started, progress_iteration=25,
+            current_score=0.42, worker_hostname="w1@host", attempts=1)
+    body = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    assert body["progress"] == {"iteration": 25, "total": 100, "fraction": 0.25}
+    assert body["current_score"] == 0.42
+    assert body["queue_position"] is None
+    assert 9 <= body["elapsed_s"] <= 30
+    assert body["eta_s"] == pytest.approx(body["elapsed_s"] * 3, rel=0.01)
+    assert body["worker"] == "w1@host" and body["attempts"] == 1
+
+
+def test_queue_position_counts_queued_jobs_of_same_model(app, client):
+    ids = [post_job(client, iterations=5).get_json()["id"] for _ in range(3)]
+    other = post_job(client, model="vgg19").get_json()
+    assert other["queue_position"] == 1
+    positions = [client.get(f"/api/v1/jobs/{i}").get_json()["queue_position"] for i in ids]
+    assert positions == [1, 2, 3]
+    set_job(app, ids[0], status="running")
+    assert client.get(f"/api/v1/jobs/{ids[2]}").get_json()["queue_position"] == 2
+
+
+@pytest.mark.parametrize("path", [
+    "/api/v1/jobs/not-a-uuid",
+    "/api/v1/jobs/123",
+    "/api/v1/jobs/..%2F..%2Fetc%2Fpasswd",
+    "/api/v1/jobs/not-a-uuid/cancel",
+    "/api/v1/jobs/not-a-uuid/artifacts/mask_png",
+    "/api/v1/nothing-here",
+])
+def test_non_uuid_ids_and_unknown_paths_are_json_404(client, path):
+    method = client.post if path.endswith("/cancel") else client.get
+    assert_error(method(path), 404, code="not_found")
+
+
+def test_unknown_job_is_404(client):
+    assert_error(client.get(f"/api/v1/jobs/{uuid.uuid4()}"), 404, code="not_found")
+    assert_error(client.post(f"/api/v1/jobs/{uuid.uuid4()}/cancel"), 404, code="not_found")
+
+
+def test_wrong_method_is_json_405(client):
+    response = client.delete("/api/v1/jobs")
+    assert_error(response, 405, code="method_not_allowed")
+    assert "GET" in response.headers["Allow"] and "POST" in response.headers["Allow"]
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+def _finish_with_artifacts(app, job_id):
+    storage = app.extensions["ebb"].storage
+    folder = storage.job_dir(job_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "mask.npy": b"\x93NUMPY fake",
+        "mask.png": png((8, 8)),
+        "heatmap.png": png((8, 8)),
+        "overlay.png": png((8, 8)),
+        "perturbed.png": png((8, 8)),
+        "result.json": json.dumps({"ok": True}).encode(),
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    now = datetime.now(timezone.utc)
+    set_job(app, job_id, status="succeeded", started_at=now - timedelta(seconds=3),
+            finished_at=now, progress_iteration=20, score_before=0.9, score_after=0.05,
+            current_score=0.05, target_index=558, target_label="flute",
+            top5={"before": [{"index": 558, "label": "flute", "prob": 0.9}],
+                  "after": [{"index": 1, "label": "goldfish", "prob": 0.3}]},
+            timings={"total_s": 3.0})
+    return files
+
+
+def test_artifacts_served_once_they_exist(app, client):
+    job_id = post_job(client, iterations=20).get_json()["id"]
+    assert_error(client.get(f"/api/v1/jobs/{job_id}/artifacts/mask_png"), 404)
+    files = _finish_with_artifacts(app, job_id)
+    body = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    assert body["status"] == "succeeded"
+    assert body["scores"] == {"before": 0.9, "after": 0.05}
+    assert body["top5"]["before"][0]["label"] == "flute"
+    assert body["eta_s"] == 0.0
+    for key, url in body["artifacts"].items():
+        assert url == f"/api/v1/jobs/{job_id}/artifacts/{key}"
+    expected_types = {"mask_npy": "application/octet-stream", "mask_png": "image/png",
+                      "heatmap_png": "image/png", "overlay_png": "image/png",
+                      "perturbed_png": "image/png", "result_json": "application/json"}
+    names = {"mask_npy": "mask.npy", "mask_png": "mask.png", "heatmap_png": "heatmap.png",
+             "overlay_png": "overlay.png", "perturbed_png": "perturbed.png",
+             "result_json": "result.json"}
+    for key, mimetype in expected_types.items():
+        for name in (key, names[key]):
+            response = client.get(f"/api/v1/jobs/{job_id}/artifacts/{name}")
+            assert response.status_code == 200, name
+            assert response.mimetype == mimetype
+            assert response.data == files[names[key]]
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+    download = client.get(f"/api/v1/jobs/{job_id}/artifacts/mask_npy?download=1")
+    assert "attachment" in download.headers["Content-Disposition"]
+
+
+@pytest.mark.parametrize("name", [
+    "mask", "mask.PNG", "ebb.sqlite3", "..", "...", "%2e%2e", "..%2F..%2Febb.sqlite3",
+    "%2e%2e%2f%2e%2e%2febb.sqlite3", "mask.png%00.txt", "result.json.bak", "thumbnail",
+])
+def test_bad_artifact_names_are_404(app, client, name):
+    job_id = post_job(client, iterations=20).get_json()["id"]
+    _finish_with_artifacts(app, job_id)
+    response = client.get(f"/api/v1/jobs/{job_id}/artifacts/{name}")
+    assert response.status_code == 404
+    assert response.is_json
+
+
+def test_traversal_in_path_is_404(app, client):
+    job_id = post_job(client, iterations=20).get_json()["id"]
+    _finish_with_artifacts(app, job_id)
+    for path in (f"/api/v1/jobs/{job_id}/artifacts/../../../ebb.sqlite3",
+                 f"/api/v1/jobs/{job_id}/artifacts/sub/mask.png",
+                 f"/api/v1/jobs/{job_id}/artifacts/"):
+        response = client.get(path)
+        assert response.status_code == 404, path
+        assert b"SQLite" not in response.data
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+def test_cancel_queued_job(app, client):
+    job_id = post_job(client, iterations=20).get_json()["id"]
+    response = client.post(f"/api/v1/jobs/{job_id}/cancel")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["status"] == "cancelled"
+    assert body["finished_at"] is not None
+    [job] = rows(app)
+    assert job.status == "cancelled"
+    again = client.post(f"/api/v1/jobs/{job_id}/cancel")
+    assert_error(again, 409, code="conflict")
+
+
+def test_cancel_running_job_requests_stop(app, client):
+    job_id = post_job(client, iterations=20).get_json()["id"]
+    set_job(app, job_id, status="running", started_at=datetime.now(timezone.utc))
+    body = client.post(f"/api/v1/jobs/{job_id}/cancel").get_json()
+    assert body["status"] == "running"
+    assert body["cancel_requested"] is True
+    [job] = rows(app)
+    assert job.cancel_requested is True and job.status == "running"
+
+
+@pytest.mark.parametrize("status", ["succeeded", "failed", "cancelled"])
+def test_cancel_finished_job_is_409(app, client, status):
+    job_id = post_job(client, iterations=20).get_json()["id"]
+    set_job(app, job_id, status=status)
+    assert_error(client.post(f"/api/v1/jobs/{job_id}/cancel"), 409, code="conflict")
+    [job] = rows(app)
+    assert job.status == status
+
+
+# --------------------------------------------------------------------------- list
+
+
+def test_list_pagination_newest_first(app, client):
+    ids = [post_job(client, iterations=5).get_json()["id"] for _ in range(5)]
+    # Make created_at distinct and known, including a tie broken by id.
+    base = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    stamps = [base, base + timedelta(seconds=1), base + timedelta(seconds=2),
+              base + timedelta(seconds=2), base + timedelta(seconds=3)]
+    for job_id, stamp in zip(ids, stamps):
+        set_job(app, job_id, created_at=stamp)
+    expected = [i for _, i in sorted(zip(stamps, ids), key=lambda p: (p[0], p[1]), reverse=True)]
+
+    seen, cursor, pages = [], None, 0
+    while True:
+        query = "?limit=2" + (f"&cursor={cursor}" if cursor else "")
+        response = client.get(f"/api/v1/jobs{query}")
+        assert response.status_code == 200
+        body = response.get_json()
+        assert len(body["jobs"]) <= 2
+        seen += [j["id"] for j in body["jobs"]]
+        cursor = body["next_cursor"]
+        pages += 1
+        if not cursor:
+            break
+    assert pages == 3
+    assert seen == expected
+
+    everything = client.get("/api/v1/jobs").get_json()
+    assert [j["id"] for j in everything["jobs"]] == expected
+    assert everything["next_cursor"] is None
+
+
+def test_list_filter_by_status(app, client):
+    ids = [post_job(client, iterations=5).get_json()["id"] for _ in range(3)]
+    set_job(app, ids[1], status="failed", error="boom")
+    failed = client.get("/api/v1/jobs?status=failed").get_json()["jobs"]
+    assert [j["id"] for j in failed] == [ids[1]]
+    assert failed[0]["error"] == "boom"
+    queued = client.get("/api/v1/jobs?status=queued").get_json()["jobs"]
+    assert {j["id"] for j in queued} == {ids[0], ids[2]}
+
+
+@pytest.mark.parametrize("query, field", [
+    ("status=bogus", "status"), ("limit=0", "limit"), ("limit=-1", "limit"),
+    ("limit=101", "limit"), ("limit=abc", "limit"), ("limit=1.5", "limit"),
+    ("limit=%C2%B2", "limit"), ("cursor=abc", "cursor"), ("cursor=%00%01", "cursor"),
+    ("cursor=" + "A" * 300, "cursor"), ("cursor=WyJ4IiwieSJd", "cursor"),
+])
+def test_list_bad_parameters(client, query, field):
+    assert_error(client.get(f"/api/v1/jobs?{query}"), 400, field=field)
+
+
+# --------------------------------------------------------------------------- other endpoints
+
+
+def test_models(client):
+    response = client.get("/api/v1/models")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["default"] == MODEL
+    assert [m["name"] for m in body["models"]] == list(TEST_MODELS)
+    for model in body["models"]:
+        assert len(model["labels"]) == 1000
+        assert model["labels"][558] == "flute"
+        assert model["input_size"] == 224
+        assert model["queue"] == f"explain.{model['name']}"
+
+
+def test_openapi_document(client):
+    response = client.get("/api/v1/openapi.json")
+    assert response.status_code == 200
+    doc = json.loads(response.get_data(as_text=True))
+    assert doc["openapi"].startswith("3.")
+    assert doc["servers"] == [{"url": "/api/v1"}]
+    assert "Unknown form fields are ignored" in doc["info"]["description"]
+    paths = doc["paths"]
+    for path in ("/jobs", "/jobs/{job_id}", "/jobs/{job_id}/cancel",
+                 "/jobs/{job_id}/artifacts/{name}", "/models", "/openapi.json"):
+        assert path in paths, path
+    assert set(paths["/jobs"]) == {"get", "post"}
+    assert {"202", "400", "413", "503"} <= set(paths["/jobs"]["post"]["responses"])
+    assert {"200", "400"} <= set(paths["/jobs"]["get"]["responses"])
+    assert {"200", "404"} <= set(paths["/jobs/{job_id}"]["get"]["responses"])
+    assert {"200", "404", "409"} <= set(paths["/jobs/{job_id}/cancel"]["post"]["responses"])
+
+    def walk(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if ref:
+                target = doc
+                for part in ref.lstrip("#/").split("/"):
+                    target = target[part]
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(doc)  # every $ref resolves
+    job_schema = doc["components"]["schemas"]["Job"]
+    assert set(job_schema["required"]) >= {"id", "status", "artifacts", "queue_position"}
+
+
+def test_job_json_matches_openapi_schema(app, client):
+    jsonschema = pytest.importorskip("jsonschema")
+    doc = client.get("/api/v1/openapi.json").get_json()
+    schema = json.loads(json.dumps(doc["components"]["schemas"]["Job"]))
+
+    def to_jsonschema(node):  # OpenAPI 3.0 "nullable" -> JSON Schema type lists
+        if isinstance(node, dict):
+            node = {k: to_jsonschema(v) for k, v in node.items()}
+            if node.pop("nullable", False):
+                node = {"anyOf": [node, {"type": "null"}]}
+            return node
+        if isinstance(node, list):
+            return [to_jsonschema(v) for v in node]
+        return node
+
+    schema = to_jsonschema(schema)
+    job_id = post_job(client, iterations=20).get_json()["id"]
+    jsonschema.validate(client.get(f"/api/v1/jobs/{job_id}").get_json(), schema)
+    _finish_with_artifacts(app, job_id)
+    jsonschema.validate(client.get(f"/api/v1/jobs/{job_id}").get_json(), schema)
+
+
+def test_healthz_and_readyz(client):
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.get_json()["checks"] == {"database": "ok", "redis": "ok"}
+
+
+def test_readyz_reports_redis_down(tmp_path, monkeypatch):
+    app = make_app(tmp_path, monkeypatch, REDIS_URL=DEAD_REDIS_URL)
+    response = app.test_client().get("/readyz")
+    assert response.status_code == 503
+    body = response.get_json()
+    assert body["failed"] == ["redis"]
+    assert body["checks"]["database"] == "ok"
+
+
+def test_readyz_reports_database_down(tmp_path, monkeypatch):
+    from web import create_app
+
+    for key, value in app_env(tmp_path, REDIS_DB).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5999/nope"
+                                       "?connect_timeout=1")
+    app = create_app({"TESTING": True, "EBB_MIGRATE": False})
+    response = app.test_client().get("/readyz")
+    assert response.status_code == 503
+    assert response.get_json()["failed"] == ["database"]
+    assert app.test_client().get("/healthz").status_code == 200
+
+
+def test_unexpected_error_is_json_500_without_traceback(tmp_path, monkeypatch):
+    app = make_app(tmp_path, monkeypatch)
+
+    def boom():
+        raise RuntimeError("secret internals /etc/passwd")
+
+    app.add_url_rule("/api/v1/_boom", "boom", boom)
+    app.add_url_rule("/_boom", "boom_html", boom)
+    response = app.test_client().get("/api/v1/_boom")
+    error = assert_error(response, 500, code="internal_error")
+    assert "secret" not in response.get_data(as_text=True)
+    html = app.test_client().get("/_boom")
+    assert html.status_code == 500 and html.mimetype == "text/html"
+    assert "secret" not in html.get_data(as_text=True)
+    assert "Traceback" not in html.get_data(as_text=True)
+    assert error["message"]
+
+
+@pytest.mark.parametrize("path", ["/api/v1/jobs", "/api/v1/models", "/healthz", "/",
+                                  "/api/v1/jobs/nope", "/nope"])
+def test_security_headers(client, path):
+    response = client.get(path)
+    csp = response.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in csp
+    assert "frame-ancestors 'none'" in csp
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Referrer-Policy"]
+    assert response.headers["X-Frame-Options"] == "DENY"
+
+
+def test_api_needs_no_csrf_token(app, client):
+    assert app.config.get("WTF_CSRF_ENABLED", True) is True
+    assert post_job(client).status_code == 202
+
+
+# --------------------------------------------------------------------------- no torch
+
+
+def test_web_never_imports_torch_or_cv2(tmp_path):
+    """Importing ``web``, creating the app and serving every kind of request
+    (including a real job submission) leaves torch and OpenCV unimported."""
+    script = textwrap.dedent(
+        f"""
+        import io, sys
+        from web import create_app
+        from web.testing import image_bytes
+        app = create_app({{"TESTING": True}})
+        c = app.test_client()
+        for path in ("/", "/jobs", "/healthz", "/readyz", "/api/v1/models",
+                     "/api/v1/openapi.json", "/api/v1/jobs"):
+            assert c.get(path).status_code == 200, path
+        r = c.post("/api/v1/jobs", data={{"image": (io.BytesIO(image_bytes()), "a.png"),
+                                         "target": "flute"}})
+        assert r.status_code == 202, r.data
+        job = r.get_json()["id"]
+        for path in (f"/jobs/{{job}}", f"/jobs/{{job}}/thumbnail", f"/jobs/{{job}}/image",
+                     f"/api/v1/jobs/{{job}}"):
+            assert c.get(path).status_code == 200, path
+        c.post("/api/v1/jobs", data={{"image": (io.BytesIO(b"junk"), "a.png")}})
+        bad = sorted(m for m in sys.modules
+                     if m.split(".")[0] in ("torch", "cv2", "torchvision", "timm"))
+        assert not bad, bad
+        print("OK")
+        """
+    )
+    env = {**os.environ, **app_env(tmp_path / "data", REDIS_DB)}
+    env.pop("EBB_QUEUE_PREFIX", None)
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout

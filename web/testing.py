@@ -1,0 +1,99 @@
+"""Helpers for testing the web app against real services (no mocks).
+
+Used by ``tests/unit/test_web_*.py`` and ``tests/e2e``: building the
+environment of an app on a temporary data folder, making image files, and
+reading the messages a job submission put on a Redis queue.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+REDIS_HOST = "127.0.0.1"
+REDIS_PORT = 6379
+#: A port nothing listens on, to simulate "Redis is down".
+DEAD_REDIS_URL = "redis://127.0.0.1:6390/0"
+TEST_MODELS = ("efficientnet_lite0", "vgg19")
+
+
+def app_env(data_dir: Path, redis_db: int, **overrides: str) -> dict[str, str]:
+    """Environment variables of a test app: SQLite + uploads under ``data_dir``."""
+    env = {
+        "DATA_DIR": str(data_dir),
+        "DATABASE_URL": f"sqlite:///{data_dir / 'ebb.sqlite3'}",
+        "REDIS_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{redis_db}",
+        "EBB_MODEL": TEST_MODELS[0],
+        "EBB_MODELS": ",".join(TEST_MODELS),
+        "EBB_MAX_UPLOAD_MB": "2",
+        "EBB_SECRET_KEY": "test-secret-key",
+    }
+    env.update(overrides)
+    return env
+
+
+def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (64, 48), color=(200, 60, 30)) -> bytes:
+    """A small real image file encoded with Pillow."""
+    from PIL import Image
+
+    img = Image.new("RGB", size, color)
+    # Some structure so that JPEG/PNG are not trivially tiny.
+    for x in range(0, size[0], 4):
+        for y in range(0, size[1], 4):
+            img.putpixel((x, y), ((x * 7) % 256, (y * 5) % 256, 128))
+    buffer = io.BytesIO()
+    img.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def queue_messages(redis_url: str, queue: str) -> list[dict[str, Any]]:
+    """The Celery messages waiting on ``queue`` (oldest first), decoded.
+
+    Each is ``{"task", "id", "args", "kwargs", "routing_key", "raw"}``.
+    """
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        raw = client.lrange(queue, 0, -1)
+    finally:
+        client.close()
+    out = []
+    for item in reversed(raw):  # kombu LPUSHes; the consumer BRPOPs
+        message = json.loads(item)
+        body = json.loads(base64.b64decode(message["body"]))
+        out.append({
+            "task": message["headers"]["task"],
+            "id": message["headers"]["id"],
+            "args": body[0],
+            "kwargs": body[1],
+            "routing_key": message["properties"]["delivery_info"]["routing_key"],
+            "raw": message,
+        })
+    return out
+
+
+def redis_available(url: str) -> str | None:
+    """None when Redis at ``url`` answers PING, else the reason."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+        client.ping()
+        client.close()
+        return None
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
+
+
+def flush_redis(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
