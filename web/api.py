@@ -25,7 +25,7 @@ def create_job():
     try:
         sub = jobs_svc.parse_submission(
             request.form,
-            request.files.get("image"),
+            jobs_svc.single_image(request.files),
             models=st.settings.models,
             labels=st.labels,
         )
@@ -42,19 +42,22 @@ def create_job():
 
 @bp.get("/jobs")
 def list_jobs():
-    status = request.args.get("status") or None
+    for name in ("status", "limit", "cursor"):
+        if len(request.args.getlist(name)) > 1:
+            raise ApiError(400, "invalid_value", f"{name} given more than once", field=name)
+    status = request.args.get("status")
     if status is not None and status not in jobs_svc.STATUSES:
         raise ApiError(400, "invalid_value",
                        f"status must be one of {', '.join(jobs_svc.STATUSES)}", field="status")
     raw_limit = request.args.get("limit")
     limit = DEFAULT_LIMIT
-    if raw_limit not in (None, ""):
+    if raw_limit is not None:
         text = raw_limit.strip()
         limit = int(text) if text.isascii() and text.isdigit() and len(text) <= 6 else -1
         if not 1 <= limit <= MAX_LIMIT:
             raise ApiError(400, "invalid_value",
                            f"limit must be an integer between 1 and {MAX_LIMIT}", field="limit")
-    cursor = request.args.get("cursor") or None
+    cursor = request.args.get("cursor")
     db = get_db()
     rows, next_cursor = jobs_svc.list_jobs(db, status=status, limit=limit, cursor=cursor)
     st = state()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, jsonify, render_template, request
+from flask import Flask, current_app, jsonify, render_template, request
 from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
@@ -92,6 +92,13 @@ def html_error(status: int, message: str, headers=None):
     return out
 
 
+def _max_upload_mb() -> float:
+    state = current_app.extensions.get("ebb")
+    if state is not None:
+        return float(state.settings.max_upload_mb)
+    return round((request.max_content_length or 0) / 1048576, 2)
+
+
 def _handle_api_error(exc: ApiError):
     if is_api_request():
         response = jsonify(exc.to_dict())
@@ -104,8 +111,12 @@ def _handle_http(exc: HTTPException):
     status = exc.code or 500
     headers = [(k, v) for k, v in exc.get_headers() if k.lower() == "allow"]
     if status == 413:
-        max_mb = request.max_content_length or 0
-        message = f"The upload is too large (the limit is {max_mb / 1048576:g} MiB)."
+        limit = current_app.config.get("MAX_CONTENT_LENGTH")
+        length = request.content_length
+        if limit and length is not None and length <= limit:
+            message = "The form has too many fields or a text field is too long."
+        else:
+            message = f"The upload is too large (the limit is {_max_upload_mb():g} MiB)."
     else:
         message = exc.description or TITLES.get(status, "Error")
     if is_api_request():

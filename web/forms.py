@@ -13,6 +13,8 @@ from wtforms import SelectField, StringField
 
 from shared.attribution.config import BLURS, PerturbationConfig
 
+from .jobs import CHOICE_FIELDS, CHOICES
+
 _DEFAULTS = PerturbationConfig()
 _LIMITS = PerturbationConfig.limits()
 
@@ -50,11 +52,17 @@ class JobForm(FlaskForm):
     mask_size = StringField("Mask size", default=str(_DEFAULTS.mask_size),
                             render_kw=_number("mask_size", "1"))
     seed = StringField("Seed", default=str(_DEFAULTS.seed), render_kw=_number("seed", "1"))
-    blur = SelectField("Blur", choices=[(b, b) for b in BLURS], default=_DEFAULTS.blur,
+    blur = SelectField("Blur", choices=list(BLURS), default=_DEFAULTS.blur,
                        validate_choice=False)
+    if "game" in CHOICES:
+        game = SelectField("Game", choices=list(CHOICES["game"]), default=_DEFAULTS.game,
+                           validate_choice=False)
+    if "perturbation" in CHOICES:
+        perturbation = SelectField("Perturbation", choices=list(CHOICES["perturbation"]),
+                                   default=_DEFAULTS.perturbation, validate_choice=False)
 
     ADVANCED = ("learning_rate", "l1_coeff", "tv_coeff", "tv_beta", "noise_std",
-                "mask_size", "seed", "blur")
+                "mask_size", "seed", *CHOICE_FIELDS)
     HELP = {
         "target": "Leave blank to explain the class the model predicts; otherwise type to "
                   "search the 1000 ImageNet labels (or give a class index 0-999).",
@@ -66,5 +74,9 @@ class JobForm(FlaskForm):
         "noise_std": "Gaussian noise added to the perturbed image on every step.",
         "mask_size": "Side of the low-resolution mask (4-224).",
         "seed": "Seed of the noise; same image, settings and seed give the same mask.",
-        "blur": "How the perturbed image is blurred.",
+        "blur": "How the blurred copy is made (used by the blur perturbation).",
+        "game": "deletion: the smallest region whose removal destroys the class; "
+                "preservation: the smallest region that alone keeps it.",
+        "perturbation": "What replaces the removed pixels: a blurred copy, the mean colour "
+                        "or noise.",
     }

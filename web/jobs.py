@@ -23,6 +23,7 @@ from flask import current_app, url_for
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from shared.attribution import config as _config_module
 from shared.attribution.config import PerturbationConfig
 from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
 
@@ -50,14 +51,25 @@ ARTIFACT_MIMETYPES = {
 #: Form/multipart fields of the settings a client may choose (order = display order).
 INT_FIELDS = ("iterations", "mask_size", "seed")
 FLOAT_FIELDS = ("learning_rate", "l1_coeff", "tv_coeff", "tv_beta", "noise_std")
-CHOICE_FIELDS = ("blur",)
+#: Choice fields -> allowed values (``game``/``perturbation`` when the config has them).
+CHOICES: dict[str, tuple[str, ...]] = {
+    name: tuple(values)
+    for name, values in (
+        ("blur", getattr(_config_module, "BLURS", None)),
+        ("game", getattr(_config_module, "GAMES", None)),
+        ("perturbation", getattr(_config_module, "PERTURBATIONS", None)),
+    )
+    if values and name in PerturbationConfig.field_names()
+}
+CHOICE_FIELDS = tuple(CHOICES)
 CONFIG_FIELDS = ("iterations", "learning_rate", "l1_coeff", "tv_coeff", "tv_beta",
-                 "noise_std", "mask_size", "seed", "blur")
+                 "noise_std", "mask_size", "seed", *CHOICE_FIELDS)
 #: Order in which fields are validated (the API reports the first failure).
 FIELD_ORDER = ("image", "model", "target", *CONFIG_FIELDS)
 
 FILENAME_MAX = 100
 _INT_RE = re.compile(r"^[+-]?[0-9]{1,30}$")
+_CURSOR_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _FLOAT_MAX_LEN = 64
 STATUSES = tuple(s.value for s in JobStatus)
 
@@ -114,6 +126,8 @@ def clean_filename(name: str | None) -> str:
 
 def _parse_int(field: str, raw: str) -> int:
     text = raw.strip()
+    if not text:
+        raise ValueError(f"{field} must be an integer, not blank")
     if not _INT_RE.match(text):
         raise ValueError(f"{field} must be an integer, got {raw[:40]!r}")
     return int(text)
@@ -121,6 +135,8 @@ def _parse_int(field: str, raw: str) -> int:
 
 def _parse_float(field: str, raw: str) -> float:
     text = raw.strip()
+    if not text:
+        raise ValueError(f"{field} must be a number, not blank")
     if len(text) > _FLOAT_MAX_LEN:
         raise ValueError(f"{field} must be a number")
     try:
@@ -146,11 +162,15 @@ def parse_submission(
     models: tuple[str, ...],
     labels: list[str],
     max_pixels: int | None = None,
+    blank_is_default: bool = False,
 ) -> Submission:
     """Validate a job request; raise :class:`SubmissionErrors` (stores nothing).
 
-    ``form`` maps field names to strings (unknown names are ignored; blank
-    values mean "default"); ``image`` is a werkzeug ``FileStorage`` or None.
+    ``form`` maps field names to strings (unknown names are ignored; absent
+    settings take their defaults, blank ones too when ``blank_is_default``,
+    as an HTML form sends them, else they are errors; a blank model or target
+    means the default model / the top-1 class); ``image`` is a werkzeug
+    ``FileStorage`` or None.
     The image is decoded by content, never by its name or content type.
     """
     from shared.imaging.decode import decode_image
@@ -161,6 +181,7 @@ def parse_submission(
     def value(name: str) -> str:
         raw = form.get(name)
         return raw if isinstance(raw, str) else ""
+
 
     # model
     model = value("model").strip() or models[0]
@@ -177,8 +198,10 @@ def parse_submission(
     # config
     changes: dict[str, Any] = {}
     for name in INT_FIELDS + FLOAT_FIELDS + CHOICE_FIELDS:
+        if name not in form:
+            continue
         raw = value(name)
-        if not raw.strip():
+        if not raw.strip() and blank_is_default:
             continue
         try:
             if name in INT_FIELDS:
@@ -186,7 +209,11 @@ def parse_submission(
             elif name in FLOAT_FIELDS:
                 changes[name] = _parse_float(name, raw)
             else:
-                changes[name] = raw.strip()
+                choice = raw.strip()
+                if choice not in CHOICES[name]:
+                    raise ValueError(
+                        f"{name} must be one of {', '.join(CHOICES[name])}, got {raw[:40]!r}")
+                changes[name] = choice
         except ValueError as exc:
             errors[name] = ("invalid_value", str(exc))
     config: PerturbationConfig | None = None
@@ -216,6 +243,12 @@ def parse_submission(
                 reason = getattr(exc, "code", None)
                 errors["image"] = ("invalid_image", _image_message(exc, reason))
 
+    getlist = getattr(form, "getlist", None)
+    if getlist is not None:  # a field given twice is ambiguous: refuse it
+        for name in ("model", "target", *CONFIG_FIELDS):
+            if len(getlist(name)) > 1:
+                errors[name] = ("invalid_value", f"{name} given more than once")
+
     if errors:
         raise SubmissionErrors(errors)
     assert config is not None and decoded is not None
@@ -230,6 +263,14 @@ def parse_submission(
         target_label=labels[target_index] if target_index is not None else None,
         config=config,
     )
+
+
+def single_image(files: Any) -> Any:
+    """The one uploaded ``image`` file of ``files`` (None if absent); several are a 400."""
+    images = files.getlist("image")
+    if len(images) > 1:
+        raise SubmissionErrors({"image": ("invalid_value", "image given more than once")})
+    return images[0] if images else None
 
 
 def _image_message(exc: Exception, reason: str | None) -> str:
@@ -501,8 +542,8 @@ def encode_cursor(job: Job) -> str:
 
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
-        if len(cursor) > 200:
-            raise ValueError("too long")
+        if not 0 < len(cursor) <= 200 or not _CURSOR_RE.match(cursor):
+            raise ValueError("malformed")
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_s, id_s = json.loads(raw.decode())
         created = datetime.fromisoformat(created_s)
@@ -519,7 +560,7 @@ def list_jobs(
     query = select(Job)
     if status:
         query = query.where(Job.status == status)
-    if cursor:
+    if cursor is not None:
         created, job_id = decode_cursor(cursor)
         if db.get_bind().dialect.name == "sqlite":
             created = created.replace(tzinfo=None)  # stored naive (UTC) in SQLite

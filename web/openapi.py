@@ -5,9 +5,9 @@ from __future__ import annotations
 from copy import deepcopy
 from typing import Any
 
-from shared.attribution.config import BLURS, PerturbationConfig
+from shared.attribution.config import PerturbationConfig
 
-from .jobs import ARTIFACTS, STATUSES
+from .jobs import ARTIFACTS, CHOICES, STATUSES
 
 _LIMITS = PerturbationConfig.limits()
 _DEFAULTS = PerturbationConfig()
@@ -182,7 +182,9 @@ succeeded, fetch the result files from `artifacts`.
 
 * All settings are validated before anything is stored or queued; a bad value
   returns 400 with `error.field` naming the form field.
-* Blank form values mean "use the default".
+* Omitted settings take their defaults; a blank `model` means the default
+  model and a blank `target` the model's top-1 class. A blank numeric or
+  choice setting is a 400, and so is a field given more than once.
 * **Unknown form fields are ignored.**
 * The image is recognised by its content (never by file name or content type).
 * The original file name is kept for display only (cleaned: path parts and
@@ -255,8 +257,12 @@ def openapi_document(server_url: str = "/api/v1") -> dict[str, Any]:
                                         "mask_size": _int_param("mask_size",
                                                                 "Side of the mask."),
                                         "seed": _int_param("seed", "Noise seed."),
-                                        "blur": {"type": "string", "enum": list(BLURS),
-                                                 "default": _DEFAULTS.blur},
+                                        **{
+                                            name: {"type": "string",
+                                                   "enum": list(values),
+                                                   "default": getattr(_DEFAULTS, name)}
+                                            for name, values in CHOICES.items()
+                                        },
                                     },
                                 },
                                 "encoding": {"image": {"contentType": "application/octet-stream"}},
@@ -268,6 +274,14 @@ def openapi_document(server_url: str = "/api/v1") -> dict[str, Any]:
                             "description": "Queued. `Location` is the job's URL.",
                             "headers": {"Location": {"schema": {"type": "string"}}},
                             "content": {"application/json": {"schema": job_ref}},
+                            "links": {
+                                "GetJob": {"operationId": "getJob",
+                                           "parameters": {"job_id": "$response.body#/id"}},
+                                "CancelJob": {"operationId": "cancelJob",
+                                              "parameters": {"job_id": "$response.body#/id"}},
+                                "GetArtifact": {"operationId": "getArtifact",
+                                                "parameters": {"job_id": "$response.body#/id"}},
+                            },
                         },
                         "400": errors["400"],
                         "405": errors["405"],
@@ -285,8 +299,9 @@ def openapi_document(server_url: str = "/api/v1") -> dict[str, Any]:
                          "schema": {"type": "integer", "minimum": 1, "maximum": 100,
                                     "default": 20}},
                         {"name": "cursor", "in": "query", "required": False,
-                         "description": "`next_cursor` of the previous page.",
-                         "schema": {"type": "string"}},
+                         "description": "`next_cursor` of the previous page (opaque).",
+                         "schema": {"type": "string", "minLength": 1, "maxLength": 200,
+                                    "pattern": "^[A-Za-z0-9_-]+$"}},
                     ],
                     "responses": {
                         "200": {

@@ -112,9 +112,27 @@ def bar_width(value: Any) -> str:
     return f"{max(0.0, min(1.0, value)) * 100:.2f}%"
 
 
+_PRETTY = {
+    "l1_coeff": "L1 coefficient",
+    "tv_coeff": "TV coefficient",
+    "tv_beta": "TV beta",
+    "noise_std": "Noise std",
+    "input_size": "Input size",
+    "iterations_run": "Iterations run",
+    "total_s": "Total",
+    "queued_s": "Waited in queue",
+    "seconds": "Optimisation",
+}
+
+
 @bp.app_template_filter("pretty_key")
 def pretty_key(value: str) -> str:
-    return str(value).replace("_", " ").capitalize()
+    text = str(value)
+    if text in _PRETTY:
+        return _PRETTY[text]
+    if text.endswith("_s"):
+        text = text[:-2]
+    return text.replace("_", " ").capitalize()
 
 
 def _job_or_404(job_id: uuid.UUID) -> Job:
@@ -130,7 +148,7 @@ def _new_form(formdata: Any = None) -> JobForm:
     else:
         form = JobForm()
     models = state().settings.models
-    form.model.choices = [(m, m) for m in models]
+    form.model.choices = list(models)
     if not form.model.data:
         form.model.data = models[0]
     return form
@@ -172,7 +190,8 @@ def submit():
         return _render_form(form, 400, ["The form could not be verified. Please try again."])
     try:
         sub = jobs_svc.parse_submission(
-            request.form, request.files.get("image"), models=st.settings.models, labels=st.labels
+            request.form, jobs_svc.single_image(request.files), models=st.settings.models,
+            labels=st.labels, blank_is_default=True,
         )
     except jobs_svc.SubmissionErrors as errors:
         for name, (_code, message) in errors.errors.items():

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 #: Minimum seconds between two progress writes (the last step always writes).
 PROGRESS_INTERVAL_S = 0.5
 MAX_ERROR_CHARS = 500
+#: Pause before handing back a message received while the worker stops.
+STOPPING_REQUEUE_DELAY_S = 0.2
 
 
 class JobError(Exception):
@@ -151,11 +153,12 @@ class ProgressReporter:
     job was cancelled, superseded, or the worker is shutting down.
     """
 
-    def __init__(self, session: Session, claim: Claim, stopping, interval_s: float = PROGRESS_INTERVAL_S):
+    def __init__(self, session: Session, claim: Claim, stopping, interval_s: float | None = None):
         self.session = session
         self.claim = claim
         self.stopping = stopping
-        self.interval_s = interval_s
+        self.interval_s = PROGRESS_INTERVAL_S if interval_s is None else interval_s
+        self.writes = 0
         self._last = float("-inf")
         self.cancel_requested = False
         self.superseded = False
@@ -190,6 +193,7 @@ class ProgressReporter:
             log.warning("job %s: progress update failed: %s", self.claim.job_id, one_line(error))
             self.session.rollback()
             return True if self.stopping.is_set() else None
+        self.writes += 1
         if rowcount != 1:
             self.superseded = True
             return True
@@ -251,6 +255,14 @@ def run_job(job_id: str | uuid.UUID, runtime, hostname: str | None = None,
         log.error("dropping message with invalid job id %r", job_id)
         return "skipped"
     hostname = hostname or runtime.hostname
+    if runtime.stopping.is_set():
+        # A message fetched during a warm shutdown: hand it back untouched
+        # (after a pause, so a consumer that is still draining does not spin).
+        time.sleep(STOPPING_REQUEUE_DELAY_S)
+        if requeue is not None:
+            requeue(jid, runtime.model_name)
+        log.info("job %s: worker shutting down; message re-queued", jid)
+        return "requeued"
     session = session_factory(runtime.database_url)()
     try:
         claim = _write(session, lambda: _claim(session, jid, runtime, hostname))

@@ -83,16 +83,19 @@ def default_concurrency(settings: settings_mod.Settings, device: str) -> int:
     return DEFAULT_CONCURRENCY_CUDA if device.startswith("cuda") else DEFAULT_CONCURRENCY_CPU
 
 
-def worker_hostname(model: str, environ: Mapping[str, str] | None = None) -> str:
-    """Celery node name ``<model>.<devices>@<host>``, e.g. ``vgg19.gpu0@box``."""
+def worker_hostname(model: str, device: str | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """Celery node name ``<model>.<devices>@<host>``: ``vgg19.gpu0@box``, ``vgg19.cpu@box``.
+
+    ``<devices>`` is ``cpu`` on the CPU, else ``gpu`` + ``CUDA_VISIBLE_DEVICES``
+    (``gpu0-1``), or ``gpu`` when that is unset.
+    """
     env = os.environ if environ is None else environ
-    visible = env.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        devices = "all" if env.get("EBB_DEVICE", "").startswith("cuda") else "any"
-    elif visible.strip() in ("", "-1"):
+    device = device or env.get("EBB_DEVICE") or ""
+    visible = (env.get("CUDA_VISIBLE_DEVICES") or "").strip()
+    if device.startswith("cpu") or (not device and visible in ("", "-1")):
         devices = "cpu"
     else:
-        devices = "gpu" + "-".join(v.strip() for v in visible.split(",") if v.strip())
+        devices = "gpu" + "-".join(v.strip() for v in visible.split(",") if v.strip() and v.strip() != "-1")
     return f"{model}.{devices}@{socket.gethostname()}"
 
 
@@ -183,7 +186,7 @@ def load_runtime(settings: settings_mod.Settings | None = None, environ: Mapping
             device=device,
             settings=settings,
             storage=Storage(settings.data_dir),
-            hostname=worker_hostname(settings.model, env),
+            hostname=worker_hostname(settings.model, device, env),
             heartbeat_timeout_s=heartbeat_timeout_s(env),
             max_attempts=max_attempts(env),
         )

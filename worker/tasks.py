@@ -50,12 +50,17 @@ def start_worker_process() -> None:
     from worker.reaper import DEFAULT_REAP_INTERVAL_S, ReaperThread
     from worker.runtime import load_runtime
 
+    if not logging.getLogger().handlers:
+        # Celery configures logging only after worker_init: make the model
+        # load visible when started as ``celery -A worker.tasks worker``.
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_mod.load()
     try:
         upgrade_database(settings.database_url)
         runtime = load_runtime(settings)
     except Exception as error:  # noqa: BLE001 - fatal at start-up
-        log.critical("worker start-up failed: %s", error, exc_info=True)
+        expected = isinstance(error, ValueError) or type(error).__name__ == "WeightsUnavailableError"
+        log.critical("worker start-up failed: %s", error, exc_info=not expected)
         # SystemExit passes through Celery's signal dispatch and stops the worker
         # before it consumes anything.
         raise SystemExit(f"ebb worker: start-up failed: {error}") from error

@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 BLURS = ("mean", "gaussian", "median")
 PRECISIONS = ("fp32", "bf16")
+GAMES = ("deletion", "preservation")
+PERTURBATIONS = ("blur", "constant", "noise")
 
 # field -> (low, high) inclusive; None means unbounded on that side.
 _RANGES: dict[str, tuple[float | None, float | None]] = {
@@ -51,6 +53,19 @@ class PerturbationConfig:
             on the CPU.
         precision: ``fp32`` (reference) or ``bf16`` autocast for the model's
             forward/backward (faster on CUDA and AVX-512-BF16 CPUs).
+        game: ``deletion`` (reference): the smallest region whose removal
+            destroys the class, ``l1 * mean|1 - m| + tv * TV + p[target]``, the
+            mask starting at 1 (keep all). ``preservation`` (paper, eq. 5): the
+            smallest region that alone keeps the class,
+            ``l1 * mean|m| + tv * TV - p[target]``, the mask starting at 0.5
+            (halfway, so the score term can both grow and shrink the kept
+            region from the first step).
+        perturbation: what replaces the removed pixels (paper, eq. 3):
+            ``blur`` (reference; the blurred copy chosen by ``blur``),
+            ``constant`` (the image's mean colour) or ``noise`` (a fixed image of
+            i.i.d. Gaussian pixels around the image's mean colour, with the
+            image's per-channel std, drawn once from ``seed`` and clipped to
+            [0, 1]).
     """
 
     iterations: int = 500
@@ -64,6 +79,8 @@ class PerturbationConfig:
     input_size: int = 224
     seed: int = 0
     precision: str = "fp32"
+    game: str = "deletion"
+    perturbation: str = "blur"
 
     def __post_init__(self) -> None:
         for name, (low, high) in _RANGES.items():
@@ -83,6 +100,12 @@ class PerturbationConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
+        if self.game not in GAMES:
+            raise ValueError(f"game must be one of {', '.join(GAMES)}, got {self.game!r}")
+        if self.perturbation not in PERTURBATIONS:
+            raise ValueError(
+                f"perturbation must be one of {', '.join(PERTURBATIONS)}, got {self.perturbation!r}"
             )
         if self.mask_size > self.input_size:
             raise ValueError(

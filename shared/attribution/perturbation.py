@@ -9,13 +9,19 @@ while the mask stays sparse (L1 on ``1 - m``) and smooth (total variation)::
 
 followed by an Adam step on the mask alone and a clamp of the mask to [0, 1].
 
+The paper's variants are options of :class:`PerturbationConfig`: the
+``preservation`` game (keep the smallest region that keeps the class:
+``l1 * mean|m| + tv * TV - softmax(f(x))[target]``, mask starting at 0.5) and
+the ``constant`` / ``noise`` perturbations (see :func:`perturbation_baseline`),
+which replace the blurred copy in the blend above.
+
 Conventions: images are ``(N, 3, H, W)`` float32 RGB in [0, 1] unless stated;
 masks are ``(N, 1, h, w)`` float32 in [0, 1] where 1 keeps the pixel and 0
 replaces it with the blurred copy. This module imports torch and numpy only:
 no I/O, no web, queue or database code.
 
 Small named steps (:func:`gaussian_blur`, :func:`median_blur`,
-:func:`blurred_copy`, :func:`upsample_mask`, :func:`blend`, :func:`l1_loss`,
+:func:`blurred_copy`, :func:`perturbation_baseline`, :func:`upsample_mask`, :func:`blend`, :func:`l1_loss`,
 :func:`tv_loss`) are composed by :class:`MaskOptimisation` (the state of one
 job) and :func:`step_batch` (one batched Adam step for many jobs), which
 :func:`explain` and :func:`explain_batch` drive to completion.
@@ -50,6 +56,7 @@ __all__ = [
     "l1_loss",
     "median_blur",
     "null_progress",
+    "perturbation_baseline",
     "prepare_image",
     "step_batch",
     "tv_loss",
@@ -143,6 +150,37 @@ def blurred_copy(image: torch.Tensor, blur: str = "mean") -> torch.Tensor:
     if blur == "mean":
         return (gaussian_blur(image, 11, 5.0) + median_blur(image, 11)) / 2
     raise ValueError(f"blur must be one of mean, gaussian, median, got {blur!r}")
+
+
+def perturbation_baseline(
+    image: torch.Tensor, perturbation: str = "blur", blur: str = "mean", seed: int = 0
+) -> torch.Tensor:
+    """What replaces the removed pixels: the paper's three perturbations (eq. 3).
+
+    Args:
+        image: ``(N, 3, H, W)`` RGB in [0, 1].
+        perturbation: ``blur`` (:func:`blurred_copy` with ``blur``), ``constant``
+            (every pixel set to the image's per-channel mean colour) or
+            ``noise`` (i.i.d. Gaussian pixels with the image's per-channel mean
+            and std, clipped to [0, 1]; drawn on the CPU from a generator seeded
+            with ``seed``, so the same image and seed give the same noise on
+            any device).
+        blur: the blur of ``perturbation="blur"`` (ignored otherwise).
+        seed: seed of the ``noise`` image (ignored otherwise).
+    Returns:
+        ``(N, 3, H, W)`` in [0, 1], same dtype and device as ``image``.
+    """
+    if perturbation == "blur":
+        return blurred_copy(image, blur)
+    mean = image.mean(dim=(2, 3), keepdim=True)
+    if perturbation == "constant":
+        return mean.expand_as(image).clone()
+    if perturbation == "noise":
+        std = image.std(dim=(2, 3), keepdim=True)
+        generator = torch.Generator().manual_seed(int(seed))
+        eps = torch.randn(image.shape, generator=generator, dtype=torch.float32)
+        return (mean + std * eps.to(device=image.device, dtype=image.dtype)).clamp(0, 1)
+    raise ValueError(f"perturbation must be one of blur, constant, noise, got {perturbation!r}")
 
 
 def upsample_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
@@ -239,7 +277,10 @@ class Explanation:
     """The result of one mask optimisation.
 
     Attributes:
-        mask: ``(h, w)`` float32 in [0, 1]; 1 keeps the pixel, 0 blurs it.
+        mask: ``(h, w)`` float32 in [0, 1]; 1 keeps the pixel, 0 replaces it
+            with the perturbation (blur, constant or noise). In the deletion
+            game the important region is where the mask is low; in the
+            preservation game, where it is high (see :attr:`saliency`).
         mask_upsampled: ``(S, S)`` float32 in [0, 1] at the input size.
         perturbed: ``(S, S, 3)`` uint8 RGB, the final perturbation (no noise).
         target, label: the explained class.
@@ -272,7 +313,13 @@ class Explanation:
 
     @property
     def saliency(self) -> np.ndarray:
-        """``1 - mask_upsampled``: ``(S, S)`` float32 in [0, 1], high = important."""
+        """``(S, S)`` float32 in [0, 1], high = important.
+
+        ``1 - mask_upsampled`` in the deletion game (the removed region
+        matters), ``mask_upsampled`` in the preservation game (the kept one).
+        """
+        if self.config.game == "preservation":
+            return self.mask_upsampled.copy()
         return 1.0 - self.mask_upsampled
 
     def to_json(self) -> dict[str, Any]:
@@ -376,7 +423,8 @@ class MaskOptimisation:
         size = config.input_size
 
         self.image = prepare_image(image, size, self.device)  # (1, 3, S, S) [0, 1]
-        self.blurred = blurred_copy(self.image, config.blur)
+        # ``blurred`` is the perturbation (the blurred copy unless configured otherwise).
+        self.blurred = perturbation_baseline(self.image, config.perturbation, config.blur, config.seed)
         self.image_n = classifier.normalise(self.image)
         self.blurred_n = classifier.normalise(self.blurred)
 
@@ -394,7 +442,11 @@ class MaskOptimisation:
         self.score_before = float(probs[self.target])
         self.top5_before = _top5(probs, classifier)
 
-        self.mask = torch.ones(1, 1, config.mask_size, config.mask_size, device=self.device, requires_grad=True)
+        # Deletion starts from "keep everything" (reference); preservation halfway.
+        init = 1.0 if config.game == "deletion" else 0.5
+        self.mask = torch.full(
+            (1, 1, config.mask_size, config.mask_size), init, device=self.device, requires_grad=True
+        )
         self.optimizer = torch.optim.Adam([self.mask], lr=config.learning_rate)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
@@ -418,8 +470,19 @@ class MaskOptimisation:
         return x
 
     def regularisers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(l1, tv)`` of the current mask, each a ``(1,)`` tensor."""
-        return l1_loss(self.mask), tv_loss(self.mask, self.config.tv_beta)
+        """``(l1, tv)`` of the current mask, each a ``(1,)`` tensor.
+
+        ``l1`` is ``mean|1 - m|`` (the removed area) in the deletion game and
+        ``mean|m|`` (the kept area) in the preservation game.
+        """
+        removed = self.mask if self.config.game == "deletion" else 1 - self.mask
+        return l1_loss(removed), tv_loss(self.mask, self.config.tv_beta)
+
+    def objective(self, l1: torch.Tensor, tv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """The loss to minimise from its terms (scalars): ``+score`` when
+        deleting, ``-score`` when preserving."""
+        sign = 1.0 if self.config.game == "deletion" else -1.0
+        return self.config.l1_coeff * l1 + self.config.tv_coeff * tv + sign * score
 
     def finish_step(self, losses: torch.Tensor) -> None:
         """Adam step, clamp, record ``losses`` (``(4,)``: total, l1, tv, score), report."""
@@ -468,7 +531,8 @@ class MaskOptimisation:
 def step_batch(model: Classifier | nn.Module, runs: Sequence[MaskOptimisation]) -> None:
     """Advance every unfinished run by one step in one forward/backward batch.
 
-    Runs may differ in config (coefficients, mask size, seed, iterations) but
+    Runs may differ in config (coefficients, mask size, seed, iterations,
+    game, perturbation) but
     must share ``input_size``. Each run's mask, Adam state and noise stream are
     its own, so each comes out as when run alone (within float tolerance).
     """
@@ -489,7 +553,7 @@ def step_batch(model: Classifier | nn.Module, runs: Sequence[MaskOptimisation]) 
         rows = []
         for i, r in enumerate(active):
             l1, tv = r.regularisers()
-            total = r.config.l1_coeff * l1[0] + r.config.tv_coeff * tv[0] + scores[i]
+            total = r.objective(l1[0], tv[0], scores[i])
             totals.append(total)
             rows.append(torch.stack([total, l1[0], tv[0], scores[i]]).detach())
         torch.stack(totals).sum().backward()

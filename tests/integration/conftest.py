@@ -347,10 +347,15 @@ def build_stack(start_worker, *, database_url: str, redis_url: str, data_dir: Pa
 
 @pytest.fixture(scope="session")
 def stack(database_url, redis_url, queue_prefix, start_worker, tmp_path_factory) -> Stack:
-    """One worker per database backend, shared by that backend's tests."""
+    """One worker per database backend, shared by that backend's tests.
+
+    Each backend gets its own queues: a worker must never take a job whose
+    row lives in another database.
+    """
+    backend = database_url.split(":")[0].split("+")[0]
     return build_stack(start_worker, database_url=database_url, redis_url=redis_url,
-                       data_dir=tmp_path_factory.mktemp("data"), queue_prefix=queue_prefix,
-                       name=f"worker-{database_url.split(':')[0].split('+')[0]}")
+                       data_dir=tmp_path_factory.mktemp("data"), queue_prefix=f"{queue_prefix}.{backend}",
+                       name=f"worker-{backend}")
 
 
 @pytest.fixture

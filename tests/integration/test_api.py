@@ -7,17 +7,19 @@ import time
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.realmodel]
+pytestmark = [pytest.mark.slow, pytest.mark.realmodel, pytest.mark.timeout(600)]
 
 FAST_FORM = {"iterations": "12", "input_size": "96", "mask_size": "8"}
 
 
 @pytest.fixture
-def client(stack):
+def client(stack, monkeypatch):
     try:
         from web import create_app
     except ImportError as error:  # pragma: no cover - web not installed
         pytest.skip(f"web app unavailable: {error}")
+    # queue_for() reads the prefix from the environment: use the stack's queues.
+    monkeypatch.setenv("EBB_QUEUE_PREFIX", stack.env["EBB_QUEUE_PREFIX"])
     app = create_app({"TESTING": True, "EBB_ENV": stack.env})
     return app.test_client()
 

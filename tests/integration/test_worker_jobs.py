@@ -13,7 +13,7 @@ import pytest
 
 from .conftest import wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.realmodel]
+pytestmark = [pytest.mark.slow, pytest.mark.realmodel, pytest.mark.timeout(600)]
 
 
 def test_job_succeeds_with_artifacts_and_fields(stack, image_bytes):

@@ -6,7 +6,7 @@ import pytest
 
 from .conftest import build_stack, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.realmodel]
+pytestmark = [pytest.mark.slow, pytest.mark.realmodel, pytest.mark.timeout(600)]
 
 SLOW_LOAD_S = 6
 

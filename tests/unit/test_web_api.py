@@ -47,6 +47,17 @@ def _redis():
     flush_redis(REDIS_URL)
 
 
+_APPS: list = []
+
+
+@pytest.fixture(autouse=True)
+def _dispose_engines():
+    """Close each test app's database connections (engines are cached per URL)."""
+    yield
+    while _APPS:
+        _APPS.pop().extensions["ebb"].session_factory.kw["bind"].dispose()
+
+
 def make_app(tmp_path: Path, monkeypatch, **env):
     from web import create_app
 
@@ -55,6 +66,7 @@ def make_app(tmp_path: Path, monkeypatch, **env):
         monkeypatch.setenv(key, value)
     flush_redis(REDIS_URL)
     app = create_app({"TESTING": True})
+    _APPS.append(app)
     return app
 
 
@@ -195,8 +207,8 @@ def test_target_by_index_or_label(app, client, target, index, label):
     assert (job.target_index, job.target_label) == (index, label)
 
 
-def test_blank_fields_mean_defaults_and_unknown_fields_are_ignored(app, client):
-    response = post_job(client, iterations="", target="", model="", learning_rate=" ",
+def test_omitted_fields_take_defaults_and_unknown_fields_are_ignored(app, client):
+    response = post_job(client, target="", model="",
                         input_size="64", precision="bf16", color="blue", foo="bar")
     assert response.status_code == 202, response.get_data(as_text=True)
     config = response.get_json()["config"]
@@ -206,14 +218,17 @@ def test_blank_fields_mean_defaults_and_unknown_fields_are_ignored(app, client):
 
 
 def test_all_settings_accepted(app, client):
+    from web.jobs import CHOICES
+
+    extra = {name: values[-1] for name, values in CHOICES.items() if name != "blur"}
     response = post_job(client, iterations=12, learning_rate="0.05", l1_coeff="0.02",
                         tv_coeff="0.1", tv_beta="2", noise_std="0", mask_size="16",
-                        seed="123", blur="gaussian")
+                        seed="123", blur="gaussian", **extra)
     assert response.status_code == 202, response.get_data(as_text=True)
     config = response.get_json()["config"]
     assert config == {**config, "iterations": 12, "learning_rate": 0.05, "l1_coeff": 0.02,
                       "tv_coeff": 0.1, "tv_beta": 2.0, "noise_std": 0.0, "mask_size": 16,
-                      "seed": 123, "blur": "gaussian"}
+                      "seed": 123, "blur": "gaussian", **extra}
 
 
 @pytest.mark.parametrize("size", [(1, 1), (1, 300), (3000, 2)])
@@ -303,13 +318,36 @@ def test_bad_target(app, client, target):
         ("learning_rate", "abc"), ("learning_rate", "1e400"),
         ("l1_coeff", "nan"), ("l1_coeff", "-0.1"), ("tv_coeff", "inf"), ("tv_coeff", "101"),
         ("tv_beta", "0.5"), ("tv_beta", "nan"), ("noise_std", "-1"), ("noise_std", "inf"),
-        ("blur", "box"), ("blur", "MEAN"),
+        ("blur", "box"), ("blur", "MEAN"), ("blur", ""),
+        ("iterations", ""), ("learning_rate", " "), ("seed", ""),
+        *[(name, "bogus") for name in __import__("web.jobs").jobs.CHOICE_FIELDS],
     ],
 )
 def test_bad_settings_name_the_field(app, client, field, value):
     response = post_job(client, **{field: value})
     error = assert_error(response, 400, field=field, code="invalid_value")
     assert field in error["message"]
+    assert_nothing_stored(app)
+
+
+@pytest.mark.parametrize("field", ["iterations", "model", "target", "blur"])
+def test_field_given_twice_is_rejected(app, client, field):
+    from werkzeug.datastructures import MultiDict
+
+    data = MultiDict([("image", (io.BytesIO(png()), "a.png")), (field, "5"), (field, "6")])
+    response = client.post("/api/v1/jobs", data=data, content_type="multipart/form-data")
+    error = assert_error(response, 400, field=field)
+    assert "more than once" in error["message"]
+    assert_nothing_stored(app)
+
+
+def test_two_images_are_rejected(app, client):
+    from werkzeug.datastructures import MultiDict
+
+    data = MultiDict([("image", (io.BytesIO(png()), "a.png")),
+                      ("image", (io.BytesIO(jpeg()), "b.jpg"))])
+    response = client.post("/api/v1/jobs", data=data, content_type="multipart/form-data")
+    assert_error(response, 400, field="image")
     assert_nothing_stored(app)
 
 
@@ -330,6 +368,33 @@ def test_upload_too_large_is_413_json(tmp_path, monkeypatch):
     assert_nothing_stored(app)
 
 
+@pytest.mark.parametrize("body", [
+    b"".join(b'--x\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nv\r\n' % i
+             for i in range(1500)) + b"--x--\r\n",
+    b'--x\r\nContent-Disposition: form-data; name="target"\r\n\r\n' + b"a" * 600_000
+    + b"\r\n--x--\r\n",
+])
+def test_too_many_or_too_long_fields_is_413(app, client, body):
+    response = client.post("/api/v1/jobs", data=body,
+                           content_type="multipart/form-data; boundary=x")
+    error = assert_error(response, 413, code="payload_too_large")
+    assert "too many fields" in error["message"]
+    assert_nothing_stored(app)
+
+
+@pytest.mark.parametrize("body, content_type", [
+    (b"garbage", "multipart/form-data"),
+    (b'--x\r\nContent-Disposition: form-data; name="image"; filename="a"\r\n\r\nabc',
+     "multipart/form-data; boundary=x"),
+    (b"image=abc&iterations=5", "application/x-www-form-urlencoded"),
+    (b"", "text/plain"),
+])
+def test_malformed_bodies_are_400(app, client, body, content_type):
+    response = client.post("/api/v1/jobs", data=body, content_type=content_type)
+    assert_error(response, 400, field="image")
+    assert_nothing_stored(app)
+
+
 # --------------------------------------------------------------------------- file names
 
 
@@ -337,10 +402,10 @@ def test_upload_too_large_is_413_json(tmp_path, monkeypatch):
     "raw, expected",
     [
         ("../../etc/passwd.png", "passwd.png"),
-        ("..\\..\\windows\\system32\\evil.png", "evil.png"),
         ("/abs/path/x.png", "x.png"),
         ("a\x00b.png", "ab.png"),
-        ("line\nbreak\r\ttab.png", "linebreaktab.png"),
+        ("tab\there\x1b[31m.png", "tabhere[31m.png"),
+        ("bell\x07\x7f.png", "bell.png"),
         ("..", "image"),
         ("фото кота 猫.png", "фото кота 猫.png"),
         ("x" * 1000 + ".png", "x" * 100),
@@ -358,6 +423,36 @@ def test_hostile_file_names_cleaned_for_display_only(app, client, raw, expected)
     [upload] = upload_files(app)
     assert upload.parent == data_dir / "uploads" and upload.name == job.image_sha256
     assert not (tmp_outside := data_dir.parent / "etc").exists(), tmp_outside
+
+
+def _raw_multipart(disposition: bytes, data: bytes) -> tuple[bytes, str]:
+    boundary = "----ebbtestboundary"
+    body = (
+        f"--{boundary}\r\n".encode()
+        + b"Content-Disposition: form-data; name=\"image\"; " + disposition + b"\r\n"
+        + b"Content-Type: application/octet-stream\r\n\r\n"
+        + data + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+@pytest.mark.parametrize(
+    "disposition, expected",
+    [
+        (rb'filename="C:\\Users\\me\\..\\..\\evil.png"', "evil.png"),
+        (rb'filename="..\\..\\windows\\system32\\evil.png"', "evil.png"),
+        (b'filename="line%0Abreak.png"', "line%0Abreak.png"),
+        ("filename=\"фото 猫.png\"".encode(), "фото 猫.png"),
+        (b"filename*=UTF-8''%D1%84%D0%BE%D1%82%D0%BE.png", "фото.png"),
+        (b'filename="../../../../tmp/pwned"', "pwned"),
+    ],
+)
+def test_raw_multipart_file_names(app, client, disposition, expected):
+    body, content_type = _raw_multipart(disposition, png())
+    response = client.post("/api/v1/jobs", data=body, content_type=content_type)
+    assert response.status_code == 202, response.get_data(as_text=True)
+    assert response.get_json()["image"]["filename"] == expected
+    assert not Path("/tmp/pwned").exists()
 
 
 def test_clean_filename_unit():
@@ -624,6 +719,8 @@ def test_list_filter_by_status(app, client):
     ("limit=101", "limit"), ("limit=abc", "limit"), ("limit=1.5", "limit"),
     ("limit=%C2%B2", "limit"), ("cursor=abc", "cursor"), ("cursor=%00%01", "cursor"),
     ("cursor=" + "A" * 300, "cursor"), ("cursor=WyJ4IiwieSJd", "cursor"),
+    ("status=", "status"), ("limit=", "limit"), ("cursor=", "cursor"),
+    ("cursor=a.b", "cursor"), ("limit=1&limit=2", "limit"), ("status=queued&status=failed", "status"),
 ])
 def test_list_bad_parameters(client, query, field):
     assert_error(client.get(f"/api/v1/jobs?{query}"), 400, field=field)
@@ -676,6 +773,8 @@ def test_openapi_document(client):
                 walk(value)
 
     walk(doc)  # every $ref resolves
+    validator = pytest.importorskip("openapi_spec_validator")
+    validator.validate(doc)
     job_schema = doc["components"]["schemas"]["Job"]
     assert set(job_schema["required"]) >= {"id", "status", "artifacts", "queue_position"}
 
@@ -804,3 +903,55 @@ def test_web_never_imports_torch_or_cv2(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout
+
+
+# --------------------------------------------------------------------------- wsgi
+
+
+def test_wsgi_app_never_debug(tmp_path):
+    script = ("import web.wsgi as w; a = w.app; "
+              "assert a.debug is False and a.config['DEBUG'] is False; print('OK')")
+    env = {**os.environ, **app_env(tmp_path / "data", REDIS_DB), "FLASK_DEBUG": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout
+
+
+def test_gunicorn_serves_the_app(tmp_path):
+    import socket
+    import urllib.request
+
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    if not gunicorn.exists():
+        pytest.skip("gunicorn not installed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, **app_env(tmp_path / "data", REDIS_DB)}
+    proc = subprocess.Popen([str(gunicorn), "-w", "1", "-b", f"127.0.0.1:{port}", "web.wsgi:app"],
+                            env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                    body = json.loads(r.read())
+                    assert r.status == 200 and body["status"] == "ready"
+                    assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(proc.stdout.read().decode(errors="replace") if
+                                         proc.poll() is not None else "gunicorn did not start")
+                time.sleep(0.3)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+            assert b'id="job-form"' in r.read()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)

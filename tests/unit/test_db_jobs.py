@@ -1,0 +1,286 @@
+"""worker.jobs.run_job on a tiny model and a SQLite database (no Celery, no Redis)."""
+
+from __future__ import annotations
+
+import io
+import threading
+import uuid
+from datetime import timedelta
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import update
+
+from shared import settings as settings_mod
+from shared.attribution.config import PerturbationConfig
+from shared.db.migrations import upgrade_database
+from shared.db.models import Job, utcnow
+from shared.db.session import session_scope
+from shared.imaging.render import ARTIFACT_NAMES
+from shared.storage import Storage
+from worker import jobs
+from worker.jobs import one_line, run_job
+from worker.runtime import Runtime
+
+CONFIG = PerturbationConfig(iterations=6, input_size=64, mask_size=8)
+
+
+def png_bytes(seed: int = 0) -> bytes:
+    rs = np.random.RandomState(seed)
+    buf = io.BytesIO()
+    Image.fromarray((rs.rand(48, 40, 3) * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def runtime(tmp_path, tiny) -> Runtime:
+    url = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
+    upgrade_database(url)
+    settings = settings_mod.load({"DATA_DIR": str(tmp_path / "data"), "DATABASE_URL": url, "EBB_MODEL": "tiny"})
+    return Runtime(model_name="tiny", classifier=tiny, device="cpu", settings=settings,
+                   storage=Storage(settings.data_dir), hostname="tiny.cpu@test")
+
+
+def add_job(runtime: Runtime, image: bytes | None = None, config: PerturbationConfig = CONFIG, **values) -> uuid.UUID:
+    sha = runtime.storage.save_upload(png_bytes() if image is None else image)
+    row = dict(id=uuid.uuid4(), status="queued", model="tiny", config=config.to_dict(), image_sha256=sha,
+               image_width=40, image_height=48, image_filename="x.png", progress_iteration=0,
+               progress_total=config.iterations, cancel_requested=False, attempts=0, created_at=utcnow())
+    row.update(values)
+    with session_scope(runtime.database_url) as s:
+        s.add(Job(**row))
+    return row["id"]
+
+
+def get(runtime: Runtime, job_id: uuid.UUID) -> Job:
+    with session_scope(runtime.database_url) as s:
+        return s.get(Job, job_id)
+
+
+def set_values(runtime: Runtime, job_id: uuid.UUID, **values) -> None:
+    with session_scope(runtime.database_url) as s:
+        s.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+def test_success_stores_results_and_artifacts(runtime):
+    job_id = add_job(runtime)
+    assert run_job(str(job_id), runtime) == "succeeded"
+    job = get(runtime, job_id)
+    assert job.status == "succeeded" and job.error is None
+    assert job.attempts == 1 and job.worker_hostname == "tiny.cpu@test"
+    assert job.progress_iteration == job.progress_total == 6
+    assert job.target_index == job.top5["before"][0]["index"] and job.target_label.startswith("c")
+    assert job.score_before is not None and job.score_after is not None
+    assert job.current_score == job.score_after
+    assert {"seconds", "iterations_run", "total_s", "save_s", "queued_s"} <= set(job.timings)
+    for key in ARTIFACT_NAMES:
+        assert runtime.storage.artifact_path(job_id, key).is_file()
+
+
+def test_explicit_target(runtime):
+    job_id = add_job(runtime, target_index=7)
+    assert run_job(job_id, runtime) == "succeeded"
+    job = get(runtime, job_id)
+    assert job.target_index == 7 and job.target_label == "c7"
+
+
+def test_progress_writes_are_throttled(runtime, monkeypatch):
+    writes = []
+    original = jobs.ProgressReporter.__call__
+
+    def spy(self, iteration, total, losses):
+        result = original(self, iteration, total, losses)
+        writes.append(self.writes)
+        return result
+
+    monkeypatch.setattr(jobs.ProgressReporter, "__call__", spy)
+    job_id = add_job(runtime, config=CONFIG.replace(iterations=30))
+    assert run_job(job_id, runtime) == "succeeded"
+    assert len(writes) == 30
+    assert writes[-1] < 30  # not one write per step
+    assert writes[0] == 1 and writes[-1] >= 2  # first and last step write
+
+
+def test_redelivery_of_terminal_job_is_a_no_op(runtime):
+    job_id = add_job(runtime)
+    run_job(job_id, runtime)
+    before = get(runtime, job_id)
+    assert run_job(job_id, runtime) == "skipped"
+    after = get(runtime, job_id)
+    assert after.attempts == 1 and after.finished_at == before.finished_at
+
+
+def test_cancel_requested_before_start(runtime):
+    job_id = add_job(runtime, cancel_requested=True)
+    assert run_job(job_id, runtime) == "skipped"
+    job = get(runtime, job_id)
+    assert job.status == "cancelled" and job.attempts == 0 and job.finished_at is not None
+
+
+def test_cancel_while_running(runtime, monkeypatch):
+    monkeypatch.setattr(jobs, "PROGRESS_INTERVAL_S", 0.0)
+    job_id = add_job(runtime, config=CONFIG.replace(iterations=200))
+    original = runtime.optimise
+
+    def optimise(pixels, target, config, on_step=None):
+        def step(iteration, total, losses):
+            if iteration == 3:
+                set_values(runtime, job_id, cancel_requested=True)
+            return on_step(iteration, total, losses)
+
+        return original(pixels, target, config, on_step=step)
+
+    runtime.optimise = optimise
+    assert run_job(job_id, runtime) == "cancelled"
+    job = get(runtime, job_id)
+    assert job.status == "cancelled" and job.progress_iteration == 3
+    assert not runtime.storage.job_dir(job_id).exists()
+
+
+@pytest.mark.parametrize(
+    ("image", "expected"),
+    [(b"definitely not an image", "could not decode the image"), (None, "uploaded image is missing")],
+)
+def test_bad_inputs_fail_with_a_readable_message(runtime, image, expected):
+    job_id = add_job(runtime, image=image if image is not None else b"gone")
+    if image is None:
+        runtime.storage.upload_path(get(runtime, job_id).image_sha256).unlink()
+    assert run_job(job_id, runtime) == "failed"
+    job = get(runtime, job_id)
+    assert job.status == "failed" and expected in job.error and "\n" not in job.error
+    assert job.finished_at is not None
+
+
+def test_invalid_stored_config_fails(runtime):
+    job_id = add_job(runtime)
+    set_values(runtime, job_id, config={"iterations": -1})
+    assert run_job(job_id, runtime) == "failed"
+    assert get(runtime, job_id).error.startswith("invalid settings: iterations")
+
+
+def test_unexpected_exception_fails_with_one_line_and_no_traceback(runtime):
+    def boom(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory\nline two")
+
+    runtime.optimise = boom
+    job_id = add_job(runtime)
+    assert run_job(job_id, runtime) == "failed"
+    error = get(runtime, job_id).error
+    assert error == "RuntimeError: CUDA error: out of memory line two"
+
+
+def test_wrong_model_fails(runtime):
+    job_id = add_job(runtime, model="vgg19")
+    assert run_job(job_id, runtime) == "skipped"
+    job = get(runtime, job_id)
+    assert job.status == "failed" and "vgg19" in job.error
+
+
+def test_unknown_or_invalid_job_ids_are_dropped(runtime):
+    assert run_job(uuid.uuid4(), runtime) == "skipped"
+    assert run_job("../../etc/passwd", runtime) == "skipped"
+
+
+def test_running_job_with_fresh_heartbeat_is_not_run_twice(runtime):
+    job_id = add_job(runtime, status="running", attempts=1, started_at=utcnow(), heartbeat_at=utcnow())
+    assert run_job(job_id, runtime) == "skipped"
+    assert get(runtime, job_id).attempts == 1
+
+
+def test_stale_running_job_is_taken_over_and_progress_never_goes_back(runtime):
+    old = utcnow() - timedelta(hours=1)
+    job_id = add_job(runtime, status="running", attempts=1, started_at=old, heartbeat_at=old,
+                     progress_iteration=4)
+    seen = []
+    original = runtime.optimise
+
+    def optimise(pixels, target, config, on_step=None):
+        def step(iteration, total, losses):
+            result = on_step(iteration, total, losses)
+            seen.append(get(runtime, job_id).progress_iteration)
+            return result
+
+        return original(pixels, target, config, on_step=step)
+
+    runtime.optimise = optimise
+    assert run_job(job_id, runtime) == "succeeded"
+    assert min(seen) >= 4 and seen == sorted(seen)
+    assert get(runtime, job_id).attempts == 2
+
+
+def test_attempts_exhausted(runtime):
+    old = utcnow() - timedelta(hours=1)
+    job_id = add_job(runtime, status="running", attempts=3, started_at=old, heartbeat_at=old)
+    assert run_job(job_id, runtime) == "skipped"
+    job = get(runtime, job_id)
+    assert job.status == "failed" and "3 attempts" in job.error
+
+
+def test_superseded_run_does_not_overwrite_the_new_one(runtime, monkeypatch):
+    monkeypatch.setattr(jobs, "PROGRESS_INTERVAL_S", 0.0)
+    job_id = add_job(runtime, config=CONFIG.replace(iterations=50))
+    original = runtime.optimise
+
+    def optimise(pixels, target, config, on_step=None):
+        def step(iteration, total, losses):
+            if iteration == 2:  # the reaper gave the job to another attempt meanwhile
+                set_values(runtime, job_id, attempts=2, heartbeat_at=utcnow())
+            return on_step(iteration, total, losses)
+
+        return original(pixels, target, config, on_step=step)
+
+    runtime.optimise = optimise
+    assert run_job(job_id, runtime) == "superseded"
+    job = get(runtime, job_id)
+    assert job.status == "running" and job.attempts == 2 and job.score_after is None
+
+
+def test_worker_shutdown_requeues_the_running_job(runtime, monkeypatch):
+    monkeypatch.setattr(jobs, "PROGRESS_INTERVAL_S", 0.0)
+    job_id = add_job(runtime, config=CONFIG.replace(iterations=100))
+    original = runtime.optimise
+    requeued = []
+
+    def optimise(pixels, target, config, on_step=None):
+        def step(iteration, total, losses):
+            if iteration == 2:
+                runtime.stopping.set()
+            return on_step(iteration, total, losses)
+
+        return original(pixels, target, config, on_step=step)
+
+    runtime.optimise = optimise
+    assert run_job(job_id, runtime, requeue=lambda jid, model: requeued.append((jid, model))) == "requeued"
+    assert requeued == [(job_id, "tiny")]
+    job = get(runtime, job_id)
+    assert job.status == "queued" and job.finished_at is None and job.progress_iteration == 2
+
+
+def test_concurrent_jobs_share_one_model(runtime):
+    ids = [add_job(runtime, image=png_bytes(i)) for i in range(3)]
+    results = {}
+    threads = [threading.Thread(target=lambda j=j: results.__setitem__(j, run_job(j, runtime))) for j in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert set(results.values()) == {"succeeded"}
+
+
+def test_one_line_messages():
+    assert one_line(ValueError("a\n  b")) == "ValueError: a b"
+    assert one_line(KeyError()) == "KeyError"
+    assert one_line(jobs.JobError("plain message")) == "plain message"
+    assert len(one_line(RuntimeError("x" * 2000))) == jobs.MAX_ERROR_CHARS
+
+
+def test_message_received_while_stopping_is_handed_back_untouched(runtime, monkeypatch):
+    monkeypatch.setattr(jobs, "STOPPING_REQUEUE_DELAY_S", 0.0)
+    job_id = add_job(runtime)
+    runtime.stopping.set()
+    requeued = []
+    assert run_job(job_id, runtime, requeue=lambda jid, model: requeued.append(jid)) == "requeued"
+    assert requeued == [job_id]
+    job = get(runtime, job_id)
+    assert job.status == "queued" and job.attempts == 0

@@ -1,0 +1,136 @@
+"""worker.reaper: stale running jobs are re-queued or failed; lost queued jobs re-sent."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+
+from shared.db.migrations import upgrade_database
+from shared.db.models import Job, utcnow
+from shared.db.session import session_scope
+from worker.reaper import reap_stale_jobs
+
+
+@pytest.fixture
+def url(tmp_path) -> str:
+    url = f"sqlite:///{tmp_path / 'reap.sqlite3'}"
+    upgrade_database(url)
+    return url
+
+
+def add(url: str, **values) -> uuid.UUID:
+    now = utcnow()
+    row = dict(id=uuid.uuid4(), status="queued", model="m", config={}, image_sha256="a" * 64,
+               image_width=1, image_height=1, image_filename="x", progress_iteration=0, progress_total=10,
+               cancel_requested=False, attempts=0, created_at=now, enqueued_at=now)
+    row.update(values)
+    with session_scope(url) as s:
+        s.add(Job(**row))
+    return row["id"]
+
+
+def get(url: str, job_id: uuid.UUID) -> Job:
+    with session_scope(url) as s:
+        return s.get(Job, job_id)
+
+
+def reap(url: str, **kwargs):
+    sent: list[tuple[uuid.UUID, str]] = []
+    kwargs.setdefault("send", lambda job_id, model: sent.append((job_id, model)))
+    with session_scope(url) as s:
+        report = reap_stale_jobs(s, kwargs.pop("timeout", 60), **kwargs)
+    return report, sent
+
+
+def test_stale_running_job_is_requeued_and_resent(url):
+    old = utcnow() - timedelta(seconds=300)
+    job_id = add(url, status="running", attempts=1, started_at=old, heartbeat_at=old, model="vgg19")
+    report, sent = reap(url)
+    assert report.requeued == [job_id] and sent == [(job_id, "vgg19")]
+    job = get(url, job_id)
+    assert job.status == "queued" and job.heartbeat_at is None and job.enqueued_at is not None
+    # Compare-and-set: a second pass (or another worker's reaper) does nothing more.
+    report, sent = reap(url)
+    assert not report and sent == []
+
+
+def test_stale_job_without_attempts_left_fails_with_a_reason(url):
+    old = utcnow() - timedelta(seconds=300)
+    job_id = add(url, status="running", attempts=3, started_at=old, heartbeat_at=old)
+    report, sent = reap(url, max_attempts=3)
+    assert report.failed == [job_id] and sent == []
+    job = get(url, job_id)
+    assert job.status == "failed" and "stopped responding" in job.error and "3 attempts" in job.error
+    assert job.finished_at is not None
+
+
+def test_running_job_without_heartbeat_uses_started_at(url):
+    old = utcnow() - timedelta(seconds=300)
+    job_id = add(url, status="running", attempts=1, started_at=old, heartbeat_at=None)
+    report, _ = reap(url)
+    assert report.requeued == [job_id]
+
+
+def test_fresh_and_terminal_jobs_are_left_alone(url):
+    now = utcnow()
+    old = now - timedelta(seconds=300)
+    fresh = add(url, status="running", attempts=1, started_at=old, heartbeat_at=now)
+    done = add(url, status="succeeded", attempts=1, started_at=old, heartbeat_at=old, created_at=old,
+               enqueued_at=old)
+    queued = add(url)
+    report, sent = reap(url)
+    assert not report and sent == []
+    assert get(url, fresh).status == "running"
+    assert get(url, done).status == "succeeded"
+    assert get(url, queued).status == "queued"
+
+
+def test_long_queued_job_is_resent_once_per_period(url):
+    old = utcnow() - timedelta(hours=1)
+    job_id = add(url, created_at=old, enqueued_at=old)
+    report, sent = reap(url, requeue_queued_after_s=600)
+    assert report.resent == [job_id] and sent == [(job_id, "m")]
+    assert get(url, job_id).status == "queued"
+    report, sent = reap(url, requeue_queued_after_s=600)
+    assert not report.resent and sent == []
+    report, sent = reap(url, requeue_queued_after_s=None)
+    assert sent == []
+
+
+def test_queued_job_nobody_takes_eventually_fails(url):
+    ancient = utcnow() - timedelta(days=2)
+    job_id = add(url, created_at=ancient, enqueued_at=ancient)
+    report, sent = reap(url)
+    assert report.failed == [job_id] and sent == []
+    assert "no worker" in get(url, job_id).error
+
+
+def test_queued_job_with_cancel_request_becomes_cancelled(url):
+    job_id = add(url, cancel_requested=True)
+    report, _ = reap(url)
+    assert report.cancelled == [job_id]
+    assert get(url, job_id).status == "cancelled"
+
+
+def test_send_failure_keeps_the_job_queued(url):
+    old = utcnow() - timedelta(seconds=300)
+    job_id = add(url, status="running", attempts=1, started_at=old, heartbeat_at=old)
+
+    def broken(job_id, model):
+        raise ConnectionError("redis down")
+
+    report, _ = reap(url, send=broken)
+    assert report.requeued == [job_id]
+    assert get(url, job_id).status == "queued"  # a later pass re-sends it
+
+
+def test_timeout_must_be_positive(url):
+    with pytest.raises(ValueError, match="heartbeat_timeout_s"):
+        reap(url, timeout=0)
+
+
+def test_summary_text(url):
+    report, _ = reap(url)
+    assert report.summary() == "requeued 0, failed 0, resent 0, cancelled 0"

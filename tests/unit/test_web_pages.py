@@ -1,0 +1,472 @@
+"""HTML pages: upload form (CSRF, validation messages), live job page, job list.
+
+Real SQLite file in ``tmp_path`` and real Redis (database 12, flushed).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import uuid
+from datetime import datetime, timedelta, timezone
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from web.testing import (
+    DEAD_REDIS_URL,
+    TEST_MODELS,
+    app_env,
+    flush_redis,
+    image_bytes,
+    queue_messages,
+    redis_available,
+)
+
+REDIS_DB = 12
+REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+MODEL = TEST_MODELS[0]
+QUEUE = f"explain.{MODEL}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _redis():
+    problem = redis_available(REDIS_URL)
+    if problem:
+        pytest.skip(f"Redis not reachable at {REDIS_URL}: {problem}")
+    flush_redis(REDIS_URL)
+    yield
+    flush_redis(REDIS_URL)
+
+
+_APPS: list = []
+
+
+@pytest.fixture(autouse=True)
+def _dispose_engines():
+    """Close each test app's database connections (engines are cached per URL)."""
+    yield
+    while _APPS:
+        _APPS.pop().extensions["ebb"].session_factory.kw["bind"].dispose()
+
+
+def make_app(tmp_path: Path, monkeypatch, **env):
+    from web import create_app
+
+    monkeypatch.delenv("EBB_QUEUE_PREFIX", raising=False)
+    for key, value in app_env(tmp_path / "data", REDIS_DB, **env).items():
+        monkeypatch.setenv(key, value)
+    flush_redis(REDIS_URL)
+    app = create_app({"TESTING": True})
+    _APPS.append(app)
+    return app
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    return make_app(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class Page(HTMLParser):
+    """Collects tags and attributes of an HTML page."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def find(self, tag: str, **attrs) -> list[dict[str, str | None]]:
+        return [a for t, a in self.tags if t == tag and all(a.get(k) == v for k, v in attrs.items())]
+
+
+def csrf_token(client, path="/") -> str:
+    html = client.get(path).get_data(as_text=True)
+    match = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', html) or re.search(
+        r'name="csrf_token" value="([^"]+)"', html)
+    assert match, "no CSRF token in the page"
+    return match.group(1)
+
+
+def submit_form(client, data: bytes | None = None, filename="photo.png", token=True, **fields):
+    form = {"model": MODEL, "target": "", "iterations": "40", **fields}
+    if token:
+        form["csrf_token"] = csrf_token(client)
+    if data is not None:
+        form["image"] = (io.BytesIO(data), filename)
+    return client.post("/", data=form, content_type="multipart/form-data")
+
+
+def rows(app):
+    from sqlalchemy import select
+
+    from shared.db.models import Job
+
+    with app.extensions["ebb"].session_factory() as db:
+        return list(db.scalars(select(Job)))
+
+
+def uploads(app) -> list[Path]:
+    folder = app.extensions["ebb"].settings.data_dir / "uploads"
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def assert_nothing_stored(app):
+    assert rows(app) == []
+    assert uploads(app) == []
+    assert queue_messages(REDIS_URL, QUEUE) == []
+
+
+def set_job(app, job_id, **values):
+    from sqlalchemy import update
+
+    from shared.db.models import Job
+
+    with app.extensions["ebb"].session_factory() as db:
+        db.execute(update(Job).where(Job.id == uuid.UUID(str(job_id))).values(**values))
+        db.commit()
+
+
+def new_job(client) -> str:
+    response = client.post("/api/v1/jobs", data={"image": (io.BytesIO(image_bytes()), "cat.png"),
+                                                  "iterations": "40"})
+    assert response.status_code == 202
+    return response.get_json()["id"]
+
+
+# --------------------------------------------------------------------------- form
+
+
+def test_form_page(client):
+    response = client.get("/")
+    assert response.status_code == 200
+    html = response.get_data(as_text=True)
+    page = Page(html)
+    [form] = page.find("form", id="job-form")
+    assert form["method"] == "post" and form["enctype"] == "multipart/form-data"
+    [file_input] = page.find("input", name="image")
+    assert file_input["type"] == "file" and file_input["accept"] == "image/*"
+    assert page.find("label", id="dropzone")
+    assert page.find("img", id="preview")
+    [select] = page.find("select", name="model")
+    assert [o for o in page.find("option") if o.get("value") in TEST_MODELS]
+    [target] = page.find("input", name="target")
+    assert target["list"] == "labels"
+    assert "Top-1" in target["placeholder"]
+    assert page.find("datalist", id="labels")
+    assert html.count("<option value=") >= 1000 + len(TEST_MODELS)
+    assert page.find("input", name="iterations")
+    assert "<details" in html and "Advanced settings" in html
+    for name in ("learning_rate", "l1_coeff", "tv_coeff", "tv_beta", "noise_std",
+                 "mask_size", "seed"):
+        assert page.find("input", name=name), name
+    assert page.find("select", name="blur")
+    assert page.find("input", name="csrf_token")
+    # No inline script, no external asset.
+    scripts = page.find("script")
+    assert scripts and all(s.get("src", "").startswith("/static/") for s in scripts)
+    assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", html)
+    assert "style=" not in html
+    assert not re.search(r'(src|href)="(https?:)?//', html)
+
+
+def test_static_assets_are_served(client):
+    for path in ("/static/css/app.css", "/static/js/upload.js", "/static/js/job.js",
+                 "/static/favicon.svg"):
+        response = client.get(path)
+        assert response.status_code == 200, path
+        assert response.data
+
+
+def test_submit_redirects_to_job_page(app, client):
+    response = submit_form(client, image_bytes("JPEG"), target="flute", iterations="40",
+                           seed="3", blur="median")
+    assert response.status_code == 303
+    [job] = rows(app)
+    assert response.headers["Location"].endswith(f"/jobs/{job.id}")
+    assert job.target_label == "flute" and job.config["seed"] == 3
+    assert job.config["blur"] == "median" and job.progress_total == 40
+    [message] = queue_messages(REDIS_URL, QUEUE)
+    assert message["task"] == "ebb.explain" and message["args"] == [str(job.id)]
+    page = client.get(response.headers["Location"])
+    assert page.status_code == 200
+    assert "photo.png" in page.get_data(as_text=True)
+
+
+def test_form_blank_settings_take_defaults(app, client):
+    response = submit_form(client, image_bytes(), iterations="", learning_rate="", seed=" ",
+                           blur="")
+    assert response.status_code == 303
+    [job] = rows(app)
+    assert job.config["iterations"] == 500 and job.config["blur"] == "mean"
+
+
+def test_missing_csrf_token_is_400_and_stores_nothing(app, client):
+    response = submit_form(client, image_bytes(), token=False)
+    assert response.status_code == 400
+    html = response.get_data(as_text=True)
+    assert "security token" in html
+    assert 'id="job-form"' in html  # the form is shown again
+    assert_nothing_stored(app)
+
+
+def test_wrong_csrf_token_is_400(app, client):
+    client.get("/")
+    response = client.post("/", data={"csrf_token": "nope", "iterations": "5",
+                                      "image": (io.BytesIO(image_bytes()), "a.png")})
+    assert response.status_code == 400
+    assert_nothing_stored(app)
+
+
+@pytest.mark.parametrize("data, filename, message", [
+    (b"just text, not an image", "notes.png", "not an image"),
+    (b"%PDF-1.4 fake pdf", "doc.png", "PDF"),
+    (b"", "empty.png", ""),
+    (image_bytes("PNG", (64, 64))[:60], "cut.png", ""),
+])
+def test_bad_upload_shows_readable_error(app, client, data, filename, message):
+    response = submit_form(client, data, filename=filename)
+    assert response.status_code == 400
+    html = response.get_data(as_text=True)
+    assert "Please correct the highlighted fields." in html
+    assert 'class="field-error"' in html
+    if message:
+        assert message.lower() in html.lower()
+    assert "Traceback" not in html
+    assert_nothing_stored(app)
+
+
+def test_no_file_chosen(app, client):
+    # A browser sends an empty part with an empty file name.
+    response = submit_form(client, b"", filename="")
+    assert response.status_code == 400
+    assert "an image file is required" in response.get_data(as_text=True)
+    assert_nothing_stored(app)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("iterations", "abc"), ("iterations", "0"), ("iterations", "1000000000"),
+    ("learning_rate", "nan"), ("noise_std", "inf"), ("target", "1000"),
+    ("target", "no such label"), ("model", "unknown"), ("blur", "box"),
+])
+def test_bad_settings_show_message_next_to_field(app, client, field, value):
+    response = submit_form(client, image_bytes(), **{field: value})
+    assert response.status_code == 400
+    html = response.get_data(as_text=True)
+    # The field is marked invalid and keeps the user's value (HTML-escaped).
+    assert re.search(rf'<div class="field has-error[^"]*">\s*<label for="{field}"', html), field
+    assert 'aria-invalid="true"' in html
+    assert_nothing_stored(app)
+    if field in ("learning_rate", "noise_std", "blur"):
+        assert re.search(r"<details class=\"advanced\" open>", html)
+
+
+def test_form_413(tmp_path, monkeypatch):
+    app = make_app(tmp_path, monkeypatch, EBB_MAX_UPLOAD_MB="0.05")
+    client = app.test_client()
+    token = csrf_token(client)
+    response = client.post("/", data={"csrf_token": token,
+                                      "image": (io.BytesIO(b"\x89PNG" + b"0" * 90_000), "x.png")})
+    assert response.status_code == 413
+    html = response.get_data(as_text=True)
+    assert "too large" in html and 'id="job-form"' in html
+    assert rows(app) == [] and uploads(app) == []
+
+
+def test_form_queue_down_is_503_with_message(tmp_path, monkeypatch):
+    app = make_app(tmp_path, monkeypatch, REDIS_URL=DEAD_REDIS_URL)
+    client = app.test_client()
+    response = submit_form(client, image_bytes())
+    assert response.status_code == 503
+    assert "queue is unavailable" in response.get_data(as_text=True)
+    assert rows(app) == []
+
+
+# --------------------------------------------------------------------------- job page
+
+
+def test_queued_job_page(app, client):
+    first = new_job(client)
+    second = new_job(client)
+    html = client.get(f"/jobs/{second}").get_data(as_text=True)
+    page = Page(html)
+    assert page.find("span", id="status-badge")
+    assert re.search(r'id="queue-position">2<', html)
+    [bar] = page.find("progress", id="progress")
+    assert bar["max"] == "40" and bar["value"] == "0"
+    [root] = page.find("div", id="job")
+    assert root["data-api"] == f"/api/v1/jobs/{second}"
+    assert root["data-status"] == "queued"
+    assert page.find("button", id="cancel")
+    assert page.find("script", src="/static/js/job.js")
+    assert first != second
+
+
+def test_running_job_page(app, client):
+    job_id = new_job(client)
+    set_job(app, job_id, status="running", progress_iteration=10, current_score=0.5,
+            started_at=datetime.now(timezone.utc) - timedelta(seconds=5))
+    html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    page = Page(html)
+    [bar] = page.find("progress", id="progress")
+    assert bar["value"] == "10" and bar["max"] == "40"
+    assert re.search(r'id="current-score">0\.500<', html)
+    assert re.search(r'id="eta">\d', html)  # an ETA is shown
+    assert "queue-position" not in html
+
+
+def _succeed(app, job_id):
+    folder = app.extensions["ebb"].storage.job_dir(job_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("mask.png", "heatmap.png", "overlay.png", "perturbed.png"):
+        (folder / name).write_bytes(image_bytes("PNG", (16, 16)))
+    (folder / "mask.npy").write_bytes(b"\x93NUMPY")
+    (folder / "result.json").write_text("{}")
+    now = datetime.now(timezone.utc)
+    set_job(
+        app, job_id, status="succeeded", progress_iteration=40, score_before=0.93,
+        score_after=0.012, current_score=0.012, target_index=558, target_label="flute",
+        started_at=now - timedelta(seconds=12), finished_at=now,
+        top5={"before": [{"index": 558, "label": "flute", "prob": 0.93},
+                         {"index": 683, "label": "oboe", "prob": 0.04}],
+              "after": [{"index": 683, "label": "oboe", "prob": 0.2},
+                        {"index": 558, "label": "flute", "prob": 0.012}]},
+        timings={"total_s": 12.0, "iterations_run": 40},
+        worker_hostname="worker@box",
+    )
+
+
+def test_succeeded_job_page(app, client):
+    job_id = new_job(client)
+    _succeed(app, job_id)
+    html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    page = Page(html)
+    images = page.find("img", **{"class": "result-img"})
+    assert [i["data-key"] for i in images] == ["original", "overlay_png", "heatmap_png",
+                                               "mask_png", "perturbed_png"]
+    for img in images:
+        assert client.get(img["src"]).status_code == 200, img["src"]
+    assert re.search(r'id="score-before">0\.930<', html)
+    assert re.search(r'id="score-after">0\.012<', html)
+    assert html.count('class="bar-row') == 4
+    assert "is-target" in html
+    assert "Parameters" in html and "Learning rate" in html
+    assert "Durations" in html and "worker@box" in html
+    downloads = [a["href"] for a in page.find("a") if "download" in a]
+    assert len(downloads) == 6
+    for href in downloads:
+        assert client.get(href).status_code == 200
+    assert not page.find("script", src="/static/js/job.js")  # nothing left to poll
+    assert not page.find("button", id="cancel")
+
+
+def test_failed_job_page_shows_error(app, client):
+    job_id = new_job(client)
+    set_job(app, job_id, status="failed", error="CUDA out of memory <script>x</script>",
+            finished_at=datetime.now(timezone.utc))
+    html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    assert "The job failed" in html
+    assert "CUDA out of memory &lt;script&gt;" in html
+
+
+def test_cancel_from_page(app, client):
+    job_id = new_job(client)
+    token = csrf_token(client, f"/jobs/{job_id}")
+    response = client.post(f"/jobs/{job_id}/cancel", data={"csrf_token": token})
+    assert response.status_code == 303
+    [job] = rows(app)
+    assert job.status == "cancelled"
+    html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    assert "The job was cancelled." in html and "Cancelled" in html
+    again = client.post(f"/jobs/{job_id}/cancel", data={"csrf_token": token})
+    assert again.status_code == 303
+    assert "already cancelled" in client.get(f"/jobs/{job_id}").get_data(as_text=True)
+
+
+def test_cancel_without_csrf_is_400(app, client):
+    job_id = new_job(client)
+    client.get(f"/jobs/{job_id}")
+    response = client.post(f"/jobs/{job_id}/cancel")
+    assert response.status_code == 400
+    [job] = rows(app)
+    assert job.status == "queued"
+
+
+@pytest.mark.parametrize("path", ["/jobs/nope", "/jobs/123/thumbnail",
+                                  f"/jobs/{uuid.uuid4()}", f"/jobs/{uuid.uuid4()}/image"])
+def test_unknown_jobs_are_html_404(client, path):
+    response = client.get(path)
+    assert response.status_code == 404
+    assert response.mimetype == "text/html"
+    assert "Not found" in response.get_data(as_text=True)
+
+
+def test_original_and_thumbnail(app, client):
+    job_id = new_job(client)
+    original = client.get(f"/jobs/{job_id}/image")
+    assert original.status_code == 200 and original.mimetype == "image/png"
+    assert original.data == image_bytes()
+    thumb = client.get(f"/jobs/{job_id}/thumbnail")
+    assert thumb.status_code == 200 and thumb.mimetype == "image/jpeg"
+    assert thumb.data[:2] == b"\xff\xd8"
+
+
+# --------------------------------------------------------------------------- list
+
+
+def test_jobs_list_and_pagination(app, client):
+    from shared.db.models import Job
+
+    sha = app.extensions["ebb"].storage.save_upload(image_bytes())
+    base = datetime(2024, 5, 1, tzinfo=timezone.utc)
+    with app.extensions["ebb"].session_factory() as db:
+        for i in range(25):
+            db.add(Job(model=MODEL, status="succeeded" if i % 2 else "queued", config={},
+                       image_sha256=sha, image_width=64, image_height=48,
+                       image_filename=f"img-{i:02d}.png", created_at=base + timedelta(minutes=i),
+                       score_before=0.9, score_after=0.1))
+        db.commit()
+    first = client.get("/jobs").get_data(as_text=True)
+    names = re.findall(r'class="job-name" title="(img-\d+\.png)"', first)
+    assert names == [f"img-{i:02d}.png" for i in range(24, 4, -1)]
+    assert "Page 1 of 2" in first and 'rel="next"' in first
+    second = client.get("/jobs?page=2").get_data(as_text=True)
+    assert re.findall(r'class="job-name" title="(img-\d+\.png)"', second) == [
+        f"img-{i:02d}.png" for i in range(4, -1, -1)]
+    assert 'rel="prev"' in second
+    # Out-of-range or junk page numbers are clamped, never an error.
+    assert client.get("/jobs?page=99").status_code == 200
+    assert client.get("/jobs?page=abc").status_code == 200
+    thumbs = Page(first).find("img", **{"class": "thumb"})
+    assert len(thumbs) == 20
+    assert client.get(thumbs[0]["src"]).status_code == 200
+
+
+def test_empty_jobs_list(client):
+    html = client.get("/jobs").get_data(as_text=True)
+    assert "No jobs yet" in html
+
+
+@pytest.mark.parametrize("path", ["/", "/jobs", "/nope"])
+def test_html_security_headers(client, path):
+    response = client.get(path)
+    assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Referrer-Policy"] == "same-origin"
+
+
+def test_method_not_allowed_html(client):
+    response = client.delete("/")
+    assert response.status_code == 405
+    assert response.mimetype == "text/html"
