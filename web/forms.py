@@ -51,6 +51,8 @@ class JobForm(FlaskForm):
                             render_kw=_number("noise_std", "any"))
     mask_size = StringField("Mask size", default=str(_DEFAULTS.mask_size),
                             render_kw=_number("mask_size", "1"))
+    input_size = StringField("Input size", default=str(_DEFAULTS.input_size),
+                             render_kw=_number("input_size", "1"))
     seed = StringField("Seed", default=str(_DEFAULTS.seed), render_kw=_number("seed", "1"))
     blur = SelectField("Blur", choices=list(BLURS), default=_DEFAULTS.blur,
                        validate_choice=False)
@@ -62,7 +64,7 @@ class JobForm(FlaskForm):
                                    default=_DEFAULTS.perturbation, validate_choice=False)
 
     ADVANCED = ("learning_rate", "l1_coeff", "tv_coeff", "tv_beta", "noise_std",
-                "mask_size", "seed", *CHOICE_FIELDS)
+                "mask_size", "input_size", "seed", *CHOICE_FIELDS)
     HELP = {
         "target": "Leave blank to explain the class the model predicts; otherwise type to "
                   "search the 1000 ImageNet labels (or give a class index 0-999).",
@@ -72,7 +74,8 @@ class JobForm(FlaskForm):
         "tv_coeff": "Smoothness: total-variation penalty of the mask.",
         "tv_beta": "Exponent of the total-variation term (1-10).",
         "noise_std": "Gaussian noise added to the perturbed image on every step.",
-        "mask_size": "Side of the low-resolution mask (4-224).",
+        "mask_size": "Side of the low-resolution mask (4-224, at most the input size).",
+        "input_size": "Side of the square image fed to the model (32-1024).",
         "seed": "Seed of the noise; same image, settings and seed give the same mask.",
         "blur": "How the blurred copy is made (used by the blur perturbation).",
         "game": "deletion: the smallest region whose removal destroys the class; "

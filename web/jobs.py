@@ -27,21 +27,15 @@ from shared.attribution import config as _config_module
 from shared.attribution.config import PerturbationConfig
 from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
 
+from shared.imaging.render import ARTIFACT_NAMES
+
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
 
 #: Artifact key -> file name in the job's folder (the public API names both).
-#: Mirrors ``shared.imaging.render.ARTIFACT_NAMES``, which imports OpenCV and
-#: therefore cannot be imported here.
-ARTIFACTS: dict[str, str] = {
-    "mask_npy": "mask.npy",
-    "mask_png": "mask.png",
-    "heatmap_png": "heatmap.png",
-    "overlay_png": "overlay.png",
-    "perturbed_png": "perturbed.png",
-    "result_json": "result.json",
-}
+#: ``render`` imports OpenCV lazily, inside its drawing functions only.
+ARTIFACTS: dict[str, str] = dict(ARTIFACT_NAMES)
 ARTIFACT_MIMETYPES = {
     ".npy": "application/octet-stream",
     ".png": "image/png",
@@ -49,7 +43,7 @@ ARTIFACT_MIMETYPES = {
 }
 
 #: Form/multipart fields of the settings a client may choose (order = display order).
-INT_FIELDS = ("iterations", "mask_size", "seed")
+INT_FIELDS = ("iterations", "mask_size", "seed", "input_size")
 FLOAT_FIELDS = ("learning_rate", "l1_coeff", "tv_coeff", "tv_beta", "noise_std")
 #: Choice fields -> allowed values (``game``/``perturbation`` when the config has them).
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -63,7 +57,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 CHOICE_FIELDS = tuple(CHOICES)
 CONFIG_FIELDS = ("iterations", "learning_rate", "l1_coeff", "tv_coeff", "tv_beta",
-                 "noise_std", "mask_size", "seed", *CHOICE_FIELDS)
+                 "noise_std", "mask_size", "input_size", "seed", *CHOICE_FIELDS)
 #: Order in which fields are validated (the API reports the first failure).
 FIELD_ORDER = ("image", "model", "target", *CONFIG_FIELDS)
 
@@ -182,11 +176,12 @@ def parse_submission(
         raw = form.get(name)
         return raw if isinstance(raw, str) else ""
 
-
     # model
     model = value("model").strip() or models[0]
     if model not in models:
-        errors["model"] = ("unknown_model", f"unknown model {model[:64]!r}; served: {', '.join(models)}")
+        errors["model"] = (
+            "unknown_model", f"unknown model {model[:64]!r}; served: {', '.join(models)}"
+        )
 
     # target
     target_index: int | None = None
@@ -240,8 +235,7 @@ def parse_submission(
                     data, max_pixels=max_pixels
                 )
             except ValueError as exc:  # ImageDecodeError is a ValueError
-                reason = getattr(exc, "code", None)
-                errors["image"] = ("invalid_image", _image_message(exc, reason))
+                errors["image"] = ("invalid_image", _image_message(exc))
 
     getlist = getattr(form, "getlist", None)
     if getlist is not None:  # a field given twice is ambiguous: refuse it
@@ -273,7 +267,7 @@ def single_image(files: Any) -> Any:
     return images[0] if images else None
 
 
-def _image_message(exc: Exception, reason: str | None) -> str:
+def _image_message(exc: Exception) -> str:
     text = str(exc).strip() or "the file is not a supported image"
     return text[:300]
 

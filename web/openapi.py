@@ -256,6 +256,8 @@ def openapi_document(server_url: str = "/api/v1") -> dict[str, Any]:
                                                                   "Std of the added noise."),
                                         "mask_size": _int_param("mask_size",
                                                                 "Side of the mask."),
+                                        "input_size": _int_param(
+                                            "input_size", "Side of the model's square input."),
                                         "seed": _int_param("seed", "Noise seed."),
                                         **{
                                             name: {"type": "string",

@@ -121,7 +121,7 @@ _PRETTY = {
     "iterations_run": "Iterations run",
     "total_s": "Total",
     "queued_s": "Waited in queue",
-    "seconds": "Optimisation",
+    "seconds": "Explanation",
 }
 
 

@@ -52,7 +52,8 @@ def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (64, 48), color=(200, 
 def queue_messages(redis_url: str, queue: str) -> list[dict[str, Any]]:
     """The Celery messages waiting on ``queue`` (oldest first), decoded.
 
-    Each is ``{"task", "id", "args", "kwargs", "routing_key", "raw"}``.
+    Each is ``{"task", "id", "args", "kwargs", "routing_key", "raw", "bytes"}``
+    (``raw``: the decoded envelope; ``bytes``: the list item as stored).
     """
     import redis
 
@@ -72,6 +73,7 @@ def queue_messages(redis_url: str, queue: str) -> list[dict[str, Any]]:
             "kwargs": body[1],
             "routing_key": message["properties"]["delivery_info"]["routing_key"],
             "raw": message,
+            "bytes": item,
         })
     return out
 
@@ -87,6 +89,19 @@ def redis_available(url: str) -> str | None:
         return None
     except Exception as exc:  # noqa: BLE001
         return f"{type(exc).__name__}: {exc}"
+
+
+def delete_keys(url: str, needle: str) -> None:
+    """Delete the keys of ``url`` whose name contains ``needle`` (e.g. a queue prefix)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"*{needle}*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 def flush_redis(url: str) -> None:

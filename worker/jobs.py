@@ -93,6 +93,12 @@ def _claim(session: Session, job_id: uuid.UUID, runtime, hostname: str) -> Claim
         log.info("job %s already %s; nothing to do", job_id, job.status)
         return None
     now = utcnow()
+    # A duplicate message while another worker runs the job (it handles cancel).
+    if job.status == JobStatus.RUNNING.value:
+        beat = as_utc(job.heartbeat_at)
+        if beat is not None and now - beat < timedelta(seconds=runtime.heartbeat_timeout_s):
+            log.warning("job %s is running elsewhere (heartbeat %s); skipping duplicate", job_id, beat)
+            return None
     if job.cancel_requested:
         job.status, job.finished_at = JobStatus.CANCELLED.value, now
         log.info("job %s was cancelled before it started", job_id)
@@ -104,11 +110,6 @@ def _claim(session: Session, job_id: uuid.UUID, runtime, hostname: str) -> Claim
             now,
         )
         return None
-    if job.status == JobStatus.RUNNING.value:
-        beat = as_utc(job.heartbeat_at)
-        if beat is not None and now - beat < timedelta(seconds=runtime.heartbeat_timeout_s):
-            log.warning("job %s is running elsewhere (heartbeat %s); skipping duplicate", job_id, beat)
-            return None
     if job.attempts >= runtime.max_attempts:
         job.status, job.error = JobStatus.FAILED.value, f"gave up after {job.attempts} attempts"
         job.finished_at = now

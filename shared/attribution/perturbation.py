@@ -17,12 +17,12 @@ which replace the blurred copy in the blend above.
 
 Conventions: images are ``(N, 3, H, W)`` float32 RGB in [0, 1] unless stated;
 masks are ``(N, 1, h, w)`` float32 in [0, 1] where 1 keeps the pixel and 0
-replaces it with the blurred copy. This module imports torch and numpy only:
+replaces it with the blurred copy (or the configured perturbation). This module imports torch and numpy only:
 no I/O, no web, queue or database code.
 
 Small named steps (:func:`gaussian_blur`, :func:`median_blur`,
-:func:`blurred_copy`, :func:`perturbation_baseline`, :func:`upsample_mask`, :func:`blend`, :func:`l1_loss`,
-:func:`tv_loss`) are composed by :class:`MaskOptimisation` (the state of one
+:func:`blurred_copy`, :func:`perturbation_baseline`, :func:`upsample_mask`,
+:func:`blend`, :func:`l1_loss`, :func:`tv_loss`) are composed by :class:`MaskOptimisation` (the state of one
 job) and :func:`step_batch` (one batched Adam step for many jobs), which
 :func:`explain` and :func:`explain_batch` drive to completion.
 """
@@ -287,7 +287,9 @@ class Explanation:
         score_before, score_after: target probability on the input and on the
             final perturbed image (no noise), in [0, 1].
         top5_before, top5_after: ``[{"index", "label", "prob"}, ...]``.
-        history: per-iteration ``total``, ``l1``, ``tv`` and ``score`` losses.
+        history: per-iteration ``total``, ``l1``, ``tv`` and ``score`` losses
+            (``score`` is the target probability in both games; ``total``
+            subtracts it in the preservation game).
         elapsed_s: wall time from creation to the end of the last step.
         iterations_run: steps taken (fewer than configured if cancelled).
         cancelled: the progress callback asked the run to stop.
@@ -532,8 +534,7 @@ def step_batch(model: Classifier | nn.Module, runs: Sequence[MaskOptimisation]) 
     """Advance every unfinished run by one step in one forward/backward batch.
 
     Runs may differ in config (coefficients, mask size, seed, iterations,
-    game, perturbation) but
-    must share ``input_size``. Each run's mask, Adam state and noise stream are
+    game, perturbation) but must share ``input_size``. Each run's mask, Adam state and noise stream are
     its own, so each comes out as when run alone (within float tolerance).
     """
     active = [r for r in runs if not r.done]

@@ -198,6 +198,14 @@ class WorkerProcess:
             time.sleep(0.2)
         raise AssertionError(f"worker not ready after {timeout:.0f} s:\n{self.tail()}")
 
+    def terminate(self) -> None:
+        """Send SIGTERM to the worker's process group (no wait)."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM the worker's process group, then SIGKILL it if it lingers."""
         proc = self.proc
@@ -251,6 +259,8 @@ def start_worker(tmp_path_factory) -> Iterator[Callable[..., WorkerProcess]]:
         return worker.start()
 
     yield start
+    for worker in started:  # signal all first: they shut down in parallel
+        worker.terminate()
     for worker in started:
         worker.stop()
 

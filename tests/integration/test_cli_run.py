@@ -8,7 +8,7 @@ import re
 import signal
 import subprocess
 import sys
-import time
+import urllib.error
 import urllib.request
 import uuid
 

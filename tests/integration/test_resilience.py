@@ -18,7 +18,7 @@ def test_killed_worker_job_is_requeued_by_the_reaper(start_worker, sqlite_url, r
     common = dict(database_url=sqlite_url, redis_url=redis_url, data_dir=tmp_path / "data",
                   queue_prefix=f"{queue_prefix}.reap", EBB_HEARTBEAT_TIMEOUT="3", EBB_REAP_INTERVAL="1")
     first = build_stack(start_worker, name="doomed", **common)
-    job_id = first.submit(image_bytes, config={"iterations": 150})
+    job_id = first.submit(image_bytes, config={"iterations": 100})
     wait_for(lambda: (j := first.job(job_id)).status == "running" and j.progress_iteration > 0,
              timeout=60, interval=0.05, what="the job to make progress")
     os.killpg(first.worker.proc.pid, signal.SIGKILL)
@@ -70,7 +70,7 @@ def test_graceful_shutdown_requeues_the_running_job(start_worker, sqlite_url, re
     common = dict(database_url=sqlite_url, redis_url=redis_url, data_dir=tmp_path / "data",
                   queue_prefix=f"{queue_prefix}.term")
     first = build_stack(start_worker, name="stopping", **common)
-    job_id = first.submit(image_bytes, config={"iterations": 200})
+    job_id = first.submit(image_bytes, config={"iterations": 120})
     wait_for(lambda: (j := first.job(job_id)).status == "running" and j.progress_iteration > 0,
              timeout=60, interval=0.05, what="the job to make progress")
     asked = time.monotonic()

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from shared.attribution.classifier import Classifier
 from shared.attribution.config import GAMES, PERTURBATIONS, PerturbationConfig
 from shared.attribution.perturbation import (
     MaskOptimisation,
@@ -184,4 +183,3 @@ def test_final_perturbed_image_uses_the_variant(tiny, images):
     expected = blend(x, perturbation_baseline(x, "constant"), upsample_mask(torch.from_numpy(e.mask)[None, None], 32))
     got = torch.from_numpy(e.perturbed).permute(2, 0, 1).float() / 255
     assert (got - expected[0]).abs().max() <= 1 / 255 + 1e-6
-    assert isinstance(Classifier.wrap(tiny), Classifier)

@@ -1,8 +1,9 @@
 """The JSON API (``/api/v1``) against a real SQLite file and a real Redis broker.
 
-Redis database 13 on 127.0.0.1:6379 is flushed before and after each test; a
-submitted job is checked by reading the Celery message from the Redis list of
-its queue (``explain.<model>``). Skips when Redis is not running.
+Redis database 13 on 127.0.0.1:6379; a submitted job is checked by reading the
+Celery message from the Redis list of its queue (``<prefix>.<model>``, where
+the prefix is unique to the test run; ``explain`` by default, checked too).
+Only this run's keys are deleted. Skips when Redis is not running.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from web.testing import (
     DEAD_REDIS_URL,
     TEST_MODELS,
     app_env,
-    flush_redis,
+    delete_keys,
     image_bytes,
     queue_messages,
     redis_available,
@@ -33,7 +34,10 @@ from web.testing import (
 REDIS_DB = 13
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 MODEL = TEST_MODELS[0]
-QUEUE = f"explain.{MODEL}"
+#: Queues get a prefix unique to this run (``EBB_QUEUE_PREFIX``; the default is
+#: ``explain``), so concurrent test runs never see each other's messages.
+PREFIX = f"ebbtest-web{REDIS_DB}-{uuid.uuid4().hex[:8]}"
+QUEUE = f"{PREFIX}.{MODEL}"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -42,9 +46,8 @@ def _redis():
     problem = redis_available(REDIS_URL)
     if problem:
         pytest.skip(f"Redis not reachable at {REDIS_URL}: {problem}")
-    flush_redis(REDIS_URL)
     yield
-    flush_redis(REDIS_URL)
+    delete_keys(REDIS_URL, PREFIX)
 
 
 _APPS: list = []
@@ -61,10 +64,10 @@ def _dispose_engines():
 def make_app(tmp_path: Path, monkeypatch, **env):
     from web import create_app
 
-    monkeypatch.delenv("EBB_QUEUE_PREFIX", raising=False)
+    monkeypatch.setenv("EBB_QUEUE_PREFIX", PREFIX)
     for key, value in app_env(tmp_path / "data", REDIS_DB, **env).items():
         monkeypatch.setenv(key, value)
-    flush_redis(REDIS_URL)
+    delete_keys(REDIS_URL, PREFIX)
     app = create_app({"TESTING": True})
     _APPS.append(app)
     return app
@@ -185,9 +188,28 @@ def test_create_job_queues_task_and_stores_everything(app, client):
 def test_second_model_goes_to_its_own_queue(app, client):
     response = post_job(client, model="vgg19")
     assert response.status_code == 202
-    [message] = queue_messages(REDIS_URL, "explain.vgg19")
+    [message] = queue_messages(REDIS_URL, f"{PREFIX}.vgg19")
     assert message["args"] == [response.get_json()["id"]]
     assert queue_messages(REDIS_URL, QUEUE) == []
+
+
+def test_default_queue_is_explain_dot_model(tmp_path, monkeypatch):
+    """Without EBB_QUEUE_PREFIX the task lands on the Redis list ``explain.<model>``."""
+    import redis
+
+    app = make_app(tmp_path, monkeypatch)
+    monkeypatch.delenv("EBB_QUEUE_PREFIX")
+    job_id = post_job(app.test_client()).get_json()["id"]
+    mine = [m for m in queue_messages(REDIS_URL, f"explain.{MODEL}") if m["args"] == [job_id]]
+    try:
+        assert len(mine) == 1
+        assert mine[0]["task"] == "ebb.explain"
+        assert mine[0]["routing_key"] == f"explain.{MODEL}"
+    finally:
+        client = redis.Redis.from_url(REDIS_URL)
+        for message in mine:
+            client.lrem(f"explain.{MODEL}", 0, message["bytes"])
+        client.close()
 
 
 @pytest.mark.parametrize(
@@ -209,12 +231,12 @@ def test_target_by_index_or_label(app, client, target, index, label):
 
 def test_omitted_fields_take_defaults_and_unknown_fields_are_ignored(app, client):
     response = post_job(client, target="", model="",
-                        input_size="64", precision="bf16", color="blue", foo="bar")
+                        precision="bf16", color="blue", foo="bar", image_url="http://x")
     assert response.status_code == 202, response.get_data(as_text=True)
     config = response.get_json()["config"]
     assert config["iterations"] == 500
-    assert config["input_size"] == 224  # not settable through the API
-    assert config["precision"] == "fp32"
+    assert config["input_size"] == 224
+    assert config["precision"] == "fp32"  # not settable through the API
 
 
 def test_all_settings_accepted(app, client):
@@ -223,12 +245,12 @@ def test_all_settings_accepted(app, client):
     extra = {name: values[-1] for name, values in CHOICES.items() if name != "blur"}
     response = post_job(client, iterations=12, learning_rate="0.05", l1_coeff="0.02",
                         tv_coeff="0.1", tv_beta="2", noise_std="0", mask_size="16",
-                        seed="123", blur="gaussian", **extra)
+                        input_size="96", seed="123", blur="gaussian", **extra)
     assert response.status_code == 202, response.get_data(as_text=True)
     config = response.get_json()["config"]
     assert config == {**config, "iterations": 12, "learning_rate": 0.05, "l1_coeff": 0.02,
                       "tv_coeff": 0.1, "tv_beta": 2.0, "noise_std": 0.0, "mask_size": 16,
-                      "seed": 123, "blur": "gaussian", **extra}
+                      "input_size": 96, "seed": 123, "blur": "gaussian", **extra}
 
 
 @pytest.mark.parametrize("size", [(1, 1), (1, 300), (3000, 2)])
@@ -312,6 +334,7 @@ def test_bad_target(app, client, target):
         ("iterations", "abc"), ("iterations", "1.5"), ("iterations", "1e3"),
         ("iterations", "9" * 5000), ("iterations", "NaN"), ("iterations", "0x10"),
         ("mask_size", "3"), ("mask_size", "225"), ("mask_size", "ten"),
+        ("input_size", "31"), ("input_size", "1025"), ("input_size", "nan"),
         ("seed", "-1"), ("seed", "1.5"), ("seed", str(2**64)),
         ("learning_rate", "nan"), ("learning_rate", "NaN"), ("learning_rate", "inf"),
         ("learning_rate", "-inf"), ("learning_rate", "Infinity"), ("learning_rate", "0"),
@@ -348,6 +371,13 @@ def test_two_images_are_rejected(app, client):
                       ("image", (io.BytesIO(jpeg()), "b.jpg"))])
     response = client.post("/api/v1/jobs", data=data, content_type="multipart/form-data")
     assert_error(response, 400, field="image")
+    assert_nothing_stored(app)
+
+
+def test_mask_larger_than_input_names_mask_size(app, client):
+    response = post_job(client, input_size="64", mask_size="100")
+    error = assert_error(response, 400, field="mask_size")
+    assert "input_size" in error["message"]
     assert_nothing_stored(app)
 
 
@@ -739,7 +769,7 @@ def test_models(client):
         assert len(model["labels"]) == 1000
         assert model["labels"][558] == "flute"
         assert model["input_size"] == 224
-        assert model["queue"] == f"explain.{model['name']}"
+        assert model["queue"] == f"{PREFIX}.{model['name']}"
 
 
 def test_openapi_document(client):
@@ -897,8 +927,7 @@ def test_web_never_imports_torch_or_cv2(tmp_path):
         print("OK")
         """
     )
-    env = {**os.environ, **app_env(tmp_path / "data", REDIS_DB)}
-    env.pop("EBB_QUEUE_PREFIX", None)
+    env = {**os.environ, **app_env(tmp_path / "data", REDIS_DB), "EBB_QUEUE_PREFIX": PREFIX}
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -911,7 +940,8 @@ def test_web_never_imports_torch_or_cv2(tmp_path):
 def test_wsgi_app_never_debug(tmp_path):
     script = ("import web.wsgi as w; a = w.app; "
               "assert a.debug is False and a.config['DEBUG'] is False; print('OK')")
-    env = {**os.environ, **app_env(tmp_path / "data", REDIS_DB), "FLASK_DEBUG": "1"}
+    env = {**os.environ, **app_env(tmp_path / "data", REDIS_DB), "FLASK_DEBUG": "1",
+           "EBB_QUEUE_PREFIX": PREFIX}
     result = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -928,7 +958,7 @@ def test_gunicorn_serves_the_app(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, **app_env(tmp_path / "data", REDIS_DB)}
+    env = {**os.environ, **app_env(tmp_path / "data", REDIS_DB), "EBB_QUEUE_PREFIX": PREFIX}
     proc = subprocess.Popen([str(gunicorn), "-w", "1", "-b", f"127.0.0.1:{port}", "web.wsgi:app"],
                             env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)

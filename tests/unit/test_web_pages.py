@@ -1,6 +1,7 @@
 """HTML pages: upload form (CSRF, validation messages), live job page, job list.
 
-Real SQLite file in ``tmp_path`` and real Redis (database 12, flushed).
+Real SQLite file in ``tmp_path`` and real Redis (database 12; queues with a
+prefix unique to the run, deleted afterwards).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from web.testing import (
     DEAD_REDIS_URL,
     TEST_MODELS,
     app_env,
-    flush_redis,
+    delete_keys,
     image_bytes,
     queue_messages,
     redis_available,
@@ -27,7 +28,10 @@ from web.testing import (
 REDIS_DB = 12
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 MODEL = TEST_MODELS[0]
-QUEUE = f"explain.{MODEL}"
+#: Queues get a prefix unique to this run (``EBB_QUEUE_PREFIX``; the default is
+#: ``explain``), so concurrent test runs never see each other's messages.
+PREFIX = f"ebbtest-web{REDIS_DB}-{uuid.uuid4().hex[:8]}"
+QUEUE = f"{PREFIX}.{MODEL}"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,9 +39,8 @@ def _redis():
     problem = redis_available(REDIS_URL)
     if problem:
         pytest.skip(f"Redis not reachable at {REDIS_URL}: {problem}")
-    flush_redis(REDIS_URL)
     yield
-    flush_redis(REDIS_URL)
+    delete_keys(REDIS_URL, PREFIX)
 
 
 _APPS: list = []
@@ -54,10 +57,10 @@ def _dispose_engines():
 def make_app(tmp_path: Path, monkeypatch, **env):
     from web import create_app
 
-    monkeypatch.delenv("EBB_QUEUE_PREFIX", raising=False)
+    monkeypatch.setenv("EBB_QUEUE_PREFIX", PREFIX)
     for key, value in app_env(tmp_path / "data", REDIS_DB, **env).items():
         monkeypatch.setenv(key, value)
-    flush_redis(REDIS_URL)
+    delete_keys(REDIS_URL, PREFIX)
     app = create_app({"TESTING": True})
     _APPS.append(app)
     return app
