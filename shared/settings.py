@@ -14,6 +14,12 @@ def _csv(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in (value or "").split(",") if v.strip())
 
 
+#: Job submissions allowed per client when ``EBB_RATE_LIMIT`` is not set.
+DEFAULT_RATE_LIMIT = "30/minute;500/hour"
+#: ``EBB_RATE_LIMIT`` values that switch rate limiting off.
+_RATE_LIMIT_OFF = ("0", "off", "none", "false", "no", "disabled")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Service settings.
@@ -33,6 +39,16 @@ class Settings:
         max_upload_mb: upload size limit in MiB; env ``EBB_MAX_UPLOAD_MB``.
         weights_file: optional local weights file for ``model``; env
             ``EBB_WEIGHTS_FILE``.
+        rate_limit: job submissions allowed per client, in Flask-Limiter's
+            notation (``"30/minute;500/hour"``); env ``EBB_RATE_LIMIT``,
+            default (also when blank) :data:`DEFAULT_RATE_LIMIT`; ``off`` disables
+            it (stored as ``""``).
+        rate_limit_prefix: prefix of the rate-limit counters in Redis; env
+            ``EBB_RATE_LIMIT_PREFIX``, default ``<EBB_QUEUE_PREFIX>-ratelimit``
+            (``explain-ratelimit``).
+        trusted_proxies: number of reverse proxies in front of the web app
+            whose ``X-Forwarded-*`` headers are trusted (werkzeug ``ProxyFix``);
+            env ``EBB_TRUSTED_PROXIES``, default 0 (the headers are ignored).
     """
 
     data_dir: Path
@@ -44,6 +60,16 @@ class Settings:
     api_tokens: tuple[str, ...] = field(default=())
     max_upload_mb: float = 20.0
     weights_file: str | None = None
+    rate_limit: str = DEFAULT_RATE_LIMIT
+    rate_limit_prefix: str = "explain-ratelimit"
+    trusted_proxies: int = 0
+
+
+def _rate_limit(value: str | None) -> str:
+    value = (value or "").strip()
+    if not value:
+        return DEFAULT_RATE_LIMIT
+    return "" if value.lower() in _RATE_LIMIT_OFF else value
 
 
 def load(environ: dict[str, str] | None = None) -> Settings:
@@ -60,4 +86,8 @@ def load(environ: dict[str, str] | None = None) -> Settings:
         api_tokens=_csv(env.get("EBB_API_TOKENS")),
         max_upload_mb=float(env.get("EBB_MAX_UPLOAD_MB", "20")),
         weights_file=env.get("EBB_WEIGHTS_FILE") or None,
+        rate_limit=_rate_limit(env.get("EBB_RATE_LIMIT")),
+        rate_limit_prefix=(env.get("EBB_RATE_LIMIT_PREFIX") or "").strip()
+        or f"{env.get('EBB_QUEUE_PREFIX') or 'explain'}-ratelimit",
+        trusted_proxies=int(env.get("EBB_TRUSTED_PROXIES", "0") or 0),
     )

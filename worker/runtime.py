@@ -31,6 +31,7 @@ from shared import settings as settings_mod
 from shared.storage import Storage
 
 if TYPE_CHECKING:  # pragma: no cover
+    from worker.engine import BatchEngine
     import numpy as np
 
     from shared.attribution.classifier import Classifier
@@ -77,10 +78,15 @@ def choose_device(environ: Mapping[str, str] | None = None) -> str:
 
 
 def default_concurrency(settings: settings_mod.Settings, device: str) -> int:
-    """Jobs a worker runs at once: ``EBB_MAX_BATCH``, or 4 on CPU / 8 on CUDA."""
+    """Jobs a worker runs at once, = its batch cap: ``EBB_MAX_BATCH``, else 4 on
+    a CPU and about one job per GiB of GPU memory (at most 64) on CUDA."""
     if settings.max_batch > 0:
         return settings.max_batch
-    return DEFAULT_CONCURRENCY_CUDA if device.startswith("cuda") else DEFAULT_CONCURRENCY_CPU
+    if not device.startswith("cuda"):
+        return DEFAULT_CONCURRENCY_CPU
+    from worker.engine import default_max_batch
+
+    return default_max_batch(device)
 
 
 def worker_hostname(model: str, device: str | None = None, environ: Mapping[str, str] | None = None) -> str:
@@ -123,6 +129,7 @@ class Runtime:
     heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     stopping: threading.Event = field(default_factory=threading.Event)
+    engine: "BatchEngine | None" = None
 
     @property
     def database_url(self) -> str:
@@ -137,10 +144,12 @@ class Runtime:
     ) -> "Explanation":
         """Run one job's mask optimisation on the preloaded model.
 
-        The one entry point tasks use: replace its body to route jobs through
-        a batching engine (it may block until the job is done; ``on_step``
-        must keep being called so progress, heartbeats and cancellation work).
+        The one entry point tasks use. With an engine (the default), the job
+        joins the continuous batch of every job this worker runs and this call
+        blocks until it is done; ``on_step`` runs on the engine thread.
         """
+        if self.engine is not None:
+            return self.engine.explain(pixels, target, config, on_step)
         from shared.attribution.perturbation import explain
 
         return explain(self.classifier, pixels, target=target, config=config, on_step=on_step)
@@ -170,6 +179,7 @@ def load_runtime(settings: settings_mod.Settings | None = None, environ: Mapping
         env = os.environ if environ is None else environ
         settings = settings or settings_mod.load(dict(env))
         from shared.models.registry import load_model
+        from worker.engine import BatchEngine
 
         device = choose_device(env)
         started = time.perf_counter()
@@ -189,6 +199,7 @@ def load_runtime(settings: settings_mod.Settings | None = None, environ: Mapping
             hostname=worker_hostname(settings.model, device, env),
             heartbeat_timeout_s=heartbeat_timeout_s(env),
             max_attempts=max_attempts(env),
+            engine=BatchEngine(classifier, max_batch=default_concurrency(settings, device)).start(),
         )
         log.info("model %s ready on %s in %.1f s", settings.model, device, time.perf_counter() - started)
         return _runtime
