@@ -6,6 +6,9 @@ stores the upload, records a :class:`~shared.db.models.Job` and queues an
 
 Run it with ``gunicorn web.wsgi:app``; :func:`create_app` is the application
 factory (as in the Flask tutorial).
+
+Access control is :mod:`web.auth` (``EBB_API_TOKENS``), submission rate limits
+:mod:`web.ratelimit` (``EBB_RATE_LIMIT``, ``EBB_TRUSTED_PROXIES``).
 """
 
 from __future__ import annotations
@@ -102,9 +105,21 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     )
     app.extensions["ebb"] = state
 
-    from . import api, db, errors, health, pages, security
+    from . import api, auth, db, errors, health, pages, ratelimit, security
+
+    if settings.trusted_proxies > 0:
+        # Behind N trusted reverse proxies: take the client address, scheme,
+        # host and prefix from their X-Forwarded-* headers (never otherwise:
+        # a direct client could forge them, e.g. to dodge the rate limit).
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        n = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=n, x_proto=n, x_host=n, x_port=n, x_prefix=n
+        )
 
     db.init_app(app)
+    auth.init_app(app)  # first before_request: nothing runs for an unauthenticated request
     security.init_app(app)
     errors.init_app(app)
     app.register_blueprint(health.bp)
@@ -112,4 +127,5 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(api.bp)
     security.csrf.exempt(api.bp)
     security.csrf.exempt(health.bp)
+    ratelimit.init_app(app, settings)
     return app

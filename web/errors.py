@@ -34,10 +34,12 @@ CODES = {
 
 TITLES = {
     400: "Bad request",
+    401: "Log in required",
     404: "Not found",
     405: "Method not allowed",
     409: "Conflict",
     413: "Upload too large",
+    429: "Too many requests",
     500: "Something went wrong",
     503: "Service unavailable",
 }
@@ -117,6 +119,13 @@ def _handle_http(exc: HTTPException):
             message = "The form has too many fields or a text field is too long."
         else:
             message = f"The upload is too large (the limit is {_max_upload_mb():g} MiB)."
+    elif status == 429:
+        from .ratelimit import retry_after_seconds
+
+        retry = retry_after_seconds()
+        headers.append(("Retry-After", str(retry)))
+        message = (f"Too many requests from this client (limit: {exc.description}). "
+                   f"Retry in {retry} s.")
     else:
         message = exc.description or TITLES.get(status, "Error")
     if is_api_request():

@@ -56,12 +56,12 @@ class JobForm(FlaskForm):
     seed = StringField("Seed", default=str(_DEFAULTS.seed), render_kw=_number("seed", "1"))
     blur = SelectField("Blur", choices=list(BLURS), default=_DEFAULTS.blur,
                        validate_choice=False)
-    if "game" in CHOICES:
-        game = SelectField("Game", choices=list(CHOICES["game"]), default=_DEFAULTS.game,
-                           validate_choice=False)
-    if "perturbation" in CHOICES:
-        perturbation = SelectField("Perturbation", choices=list(CHOICES["perturbation"]),
-                                   default=_DEFAULTS.perturbation, validate_choice=False)
+    game = SelectField("Game", choices=list(CHOICES["game"]), default=_DEFAULTS.game,
+                       validate_choice=False)
+    perturbation = SelectField("Perturbation", choices=list(CHOICES["perturbation"]),
+                               default=_DEFAULTS.perturbation, validate_choice=False)
+    precision = SelectField("Precision", choices=list(CHOICES["precision"]),
+                            default=_DEFAULTS.precision, validate_choice=False)
 
     ADVANCED = ("learning_rate", "l1_coeff", "tv_coeff", "tv_beta", "noise_std",
                 "mask_size", "input_size", "seed", *CHOICE_FIELDS)
@@ -82,4 +82,5 @@ class JobForm(FlaskForm):
                 "preservation: the smallest region that alone keeps it.",
         "perturbation": "What replaces the removed pixels: a blurred copy, the mean colour "
                         "or noise.",
+        "precision": "fp32 (reference) or bf16 autocast: faster on GPUs and recent CPUs.",
     }

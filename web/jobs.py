@@ -23,7 +23,7 @@ from flask import current_app, url_for
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from shared.attribution import config as _config_module
+from shared.attribution.config import BLURS, GAMES, PERTURBATIONS, PRECISIONS
 from shared.attribution.config import PerturbationConfig
 from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
 
@@ -45,15 +45,12 @@ ARTIFACT_MIMETYPES = {
 #: Form/multipart fields of the settings a client may choose (order = display order).
 INT_FIELDS = ("iterations", "mask_size", "seed", "input_size")
 FLOAT_FIELDS = ("learning_rate", "l1_coeff", "tv_coeff", "tv_beta", "noise_std")
-#: Choice fields -> allowed values (``game``/``perturbation`` when the config has them).
+#: Choice fields -> allowed values.
 CHOICES: dict[str, tuple[str, ...]] = {
-    name: tuple(values)
-    for name, values in (
-        ("blur", getattr(_config_module, "BLURS", None)),
-        ("game", getattr(_config_module, "GAMES", None)),
-        ("perturbation", getattr(_config_module, "PERTURBATIONS", None)),
-    )
-    if values and name in PerturbationConfig.field_names()
+    "blur": BLURS,
+    "game": GAMES,
+    "perturbation": PERTURBATIONS,
+    "precision": PRECISIONS,
 }
 CHOICE_FIELDS = tuple(CHOICES)
 CONFIG_FIELDS = ("iterations", "learning_rate", "l1_coeff", "tv_coeff", "tv_beta",

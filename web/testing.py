@@ -30,6 +30,9 @@ def app_env(data_dir: Path, redis_db: int, **overrides: str) -> dict[str, str]:
         "EBB_MODELS": ",".join(TEST_MODELS),
         "EBB_MAX_UPLOAD_MB": "2",
         "EBB_SECRET_KEY": "test-secret-key",
+        # Rate limiting stays on (counters in Redis under <EBB_QUEUE_PREFIX>-ratelimit)
+        # but far above what a test submits; tests of the limit set a small one.
+        "EBB_RATE_LIMIT": "1000/minute",
     }
     env.update(overrides)
     return env

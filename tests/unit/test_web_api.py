@@ -231,12 +231,22 @@ def test_target_by_index_or_label(app, client, target, index, label):
 
 def test_omitted_fields_take_defaults_and_unknown_fields_are_ignored(app, client):
     response = post_job(client, target="", model="",
-                        precision="bf16", color="blue", foo="bar", image_url="http://x")
+                        color="blue", foo="bar", image_url="http://x")
     assert response.status_code == 202, response.get_data(as_text=True)
     config = response.get_json()["config"]
     assert config["iterations"] == 500
     assert config["input_size"] == 224
-    assert config["precision"] == "fp32"  # not settable through the API
+    assert config["precision"] == "fp32"
+    assert "color" not in config and "foo" not in config
+
+
+def test_precision_is_a_choice(app, client):
+    response = post_job(client, precision="bf16")
+    assert response.status_code == 202, response.get_data(as_text=True)
+    assert response.get_json()["config"]["precision"] == "bf16"
+    bad = post_job(client, precision="fp8")
+    assert bad.status_code == 400
+    assert bad.get_json()["error"]["field"] == "precision"
 
 
 def test_all_settings_accepted(app, client):
