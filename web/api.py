@@ -133,6 +133,9 @@ def _queue(model: str) -> str:
 
 @bp.get("/openapi.json")
 def openapi():
-    response = jsonify(openapi_document(server_url=url_for("api.list_models").rsplit("/", 1)[0]))
+    from .auth import enabled as auth_enabled
+
+    response = jsonify(openapi_document(
+        server_url=url_for("api.list_models").rsplit("/", 1)[0], auth_required=auth_enabled()))
     response.headers["Cache-Control"] = "public, max-age=300"
     return response

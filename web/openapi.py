@@ -194,7 +194,72 @@ succeeded, fetch the result files from `artifacts`.
 """
 
 
-def openapi_document(server_url: str = "/api/v1") -> dict[str, Any]:
+def openapi_document(server_url: str = "/api/v1", auth_required: bool = False) -> dict[str, Any]:
+    """The document; ``auth_required`` (``EBB_API_TOKENS`` is set) adds the
+    top-level ``security`` requirement (bearer token or login session)."""
+    return _with_security(_base_document(server_url), auth_required)
+
+
+_AUTH_DESCRIPTION = """
+## Authentication
+
+When the service is configured with API tokens (`EBB_API_TOKENS`), every
+operation except `GET /openapi.json` requires either
+`Authorization: Bearer <token>` or the session cookie of a browser that logged
+in at `/login` (a session's `POST` requests must also send its CSRF token in
+`X-CSRFToken`). Without them the answer is 401 with `WWW-Authenticate: Bearer`.
+Without tokens configured the service is open and no credentials are needed.
+
+## Rate limits
+
+Job submissions (`POST /jobs`, shared with the upload form) are limited per
+client: per API token when one is sent, else per client address
+(`EBB_RATE_LIMIT`, default 30 per minute and 500 per hour). Beyond it the
+answer is 429 with a `Retry-After` header (seconds); the
+`X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset` headers
+tell where a client stands.
+"""
+
+
+def _with_security(doc: dict[str, Any], auth_required: bool) -> dict[str, Any]:
+    doc["info"]["description"] = doc["info"]["description"] + _AUTH_DESCRIPTION
+    components = doc.setdefault("components", {})
+    components["securitySchemes"] = {
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "One of the service's API tokens (`EBB_API_TOKENS`).",
+        },
+        "session": {
+            "type": "apiKey",
+            "in": "cookie",
+            "name": "session",
+            "description": "The session cookie of a browser logged in at `/login`.",
+        },
+    }
+    unauthorized = _error_response(
+        "Missing or invalid credentials (only when the service requires API tokens).",
+        "unauthorized")
+    unauthorized["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            if path == "/openapi.json":
+                operation["security"] = []  # always public
+                continue
+            operation["responses"].setdefault("401", deepcopy(unauthorized))
+    too_many = _error_response("Too many submissions from this client; retry after "
+                               "`Retry-After` seconds.", "too_many_requests")
+    too_many["headers"] = {"Retry-After": {"schema": {"type": "integer", "minimum": 1},
+                                           "description": "Seconds to wait."}}
+    doc["paths"]["/jobs"]["post"]["responses"].setdefault("429", too_many)
+    if auth_required:
+        doc["security"] = [{"bearer": []}, {"session": []}]
+    return doc
+
+
+def _base_document(server_url: str) -> dict[str, Any]:
     errors = {
         "400": _error_response("Invalid input.", "invalid_value"),
         "404": _error_response("Not found.", "not_found"),

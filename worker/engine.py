@@ -4,8 +4,8 @@ One :class:`BatchEngine` per worker process owns the model and steps every
 active job's mask together in one forward/backward batch. A job that arrives
 while others run joins at the next step; a finished or cancelled job leaves
 without disturbing the others. Each job keeps its own iteration count, seed,
-config and progress callback; jobs whose ``input_size`` differs are stepped in
-separate groups. Results equal those of running each job alone (see
+config and progress callback; jobs whose ``input_size`` or ``precision``
+differs are stepped in separate groups. Results equal those of running each job alone (see
 ``shared.attribution.perturbation.step_batch``).
 
 The engine is thread-based: Celery's ``threads`` pool runs one task per thread,
@@ -161,9 +161,11 @@ class BatchEngine:
                 if self._stopping:
                     break
             self._admit()
-            groups: dict[int, list[tuple[MaskOptimisation, Future]]] = {}
+            # One forward/backward per (input size, precision): a bf16 job must
+            # not turn its fp32 batch-mates' steps into bf16 ones.
+            groups: dict[tuple[int, str], list[tuple[MaskOptimisation, Future]]] = {}
             for item in self._active:
-                groups.setdefault(item[0].config.input_size, []).append(item)
+                groups.setdefault((item[0].config.input_size, item[0].config.precision), []).append(item)
             for items in groups.values():
                 runs = [r for r, _ in items]
                 try:

@@ -69,6 +69,8 @@ class Claim:
     target_index: int | None
     progress_floor: int
     queued_s: float | None
+    #: ``time.perf_counter()`` when the job was claimed (the ``queued_s`` instant).
+    claimed_perf: float | None = None
 
 
 def _write(session: Session, fn: Callable[[], Any], attempts: int = 8) -> Any:
@@ -92,7 +94,7 @@ def _claim(session: Session, job_id: uuid.UUID, runtime, hostname: str) -> Claim
     if job.status in TERMINAL_STATUSES:
         log.info("job %s already %s; nothing to do", job_id, job.status)
         return None
-    now = utcnow()
+    now, now_perf = utcnow(), time.perf_counter()
     # A duplicate message while another worker runs the job (it handles cancel).
     if job.status == JobStatus.RUNNING.value:
         beat = as_utc(job.heartbeat_at)
@@ -138,6 +140,7 @@ def _claim(session: Session, job_id: uuid.UUID, runtime, hostname: str) -> Claim
         target_index=job.target_index,
         progress_floor=job.progress_iteration or 0,
         queued_s=(now - as_utc(job.created_at)).total_seconds() if job.created_at else None,
+        claimed_perf=now_perf,
     )
 
 
@@ -240,6 +243,25 @@ def _config(claim: Claim):
         raise JobError(f"invalid settings: {error}") from None
 
 
+def _start_timings(claim: Claim, optimising: float, returned: float, explanation) -> dict[str, float]:
+    """How long the job waited before its mask optimisation started.
+
+    ``queue_wait_s``: from handing the job to the optimiser (the worker's
+    batch engine) to the creation of its run, i.e. the wait for a batch slot.
+    ``first_step_s``: from the job's ``created_at`` (submission) to the start
+    of its first optimisation step (broker queue, claim, image decode, engine
+    wait, blur and scoring of the clean image). Both are omitted when unknown.
+    """
+    extra = explanation.timings or {}
+    # The run was created elapsed_s before it returned its result.
+    created = returned - float(explanation.elapsed_s)
+    out = {"queue_wait_s": max(0.0, created - optimising)}
+    if "to_first_step_s" in extra and claim.queued_s is not None and claim.claimed_perf is not None:
+        first_step = created + float(extra["to_first_step_s"])
+        out["first_step_s"] = max(0.0, claim.queued_s + first_step - claim.claimed_perf)
+    return out
+
+
 def run_job(job_id: str | uuid.UUID, runtime, hostname: str | None = None,
             requeue: Callable[[uuid.UUID, str], Any] | None = None) -> str:
     """Run job ``job_id`` to completion on ``runtime``; returns what happened.
@@ -293,7 +315,9 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
     decoded = _decode(runtime, claim)
     config = _config(claim)
     reporter = ProgressReporter(session, claim, runtime.stopping)
+    optimising = time.perf_counter()
     explanation = runtime.optimise(decoded.pixels, claim.target_index, config, on_step=reporter)
+    returned = time.perf_counter()
     if reporter.superseded:
         raise Superseded()
     timings: dict[str, Any] = {
@@ -303,6 +327,7 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
     }
     if claim.queued_s is not None:
         timings["queued_s"] = max(0.0, claim.queued_s)
+    timings.update(_start_timings(claim, optimising, returned, explanation))
     common = dict(target_index=explanation.target, target_label=explanation.label[:200])
 
     if explanation.cancelled and not reporter.cancel_requested:

@@ -394,3 +394,320 @@ def image_bytes() -> bytes:
     buf = io.BytesIO()
     Image.fromarray((rs.rand(120, 160, 3) * 255).astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- private servers
+#
+# Used by the fault-injection tests (``test_faults.py``), which restart or kill
+# the services themselves: they must never touch the shared Redis or
+# PostgreSQL that other sessions use.
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free port, data in ``workdir`` (AOF optional)."""
+
+    def __init__(self, workdir: Path, port: int | None = None, appendonly: bool = False):
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen | None = None
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def client(self, db: int = 0):
+        import redis
+
+        return redis.Redis.from_url(self.url(db), socket_connect_timeout=1, socket_timeout=5)
+
+    def ping(self) -> bool:
+        try:
+            client = self.client()
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        except Exception:  # noqa: BLE001
+            return False
+
+    def start(self, timeout: float = 20.0) -> "RedisServer":
+        import shutil
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not on PATH")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        args = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.workdir),
+                "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+                "--appendfsync", "everysec", "--protected-mode", "no", "--daemonize", "no",
+                "--logfile", str(self.workdir / "redis.log")]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not self.ping():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"redis-server did not start on port {self.port}:\n{self.log_tail()}")
+            time.sleep(0.05)
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Stop the server abruptly (SIGKILL: a crash) or gracefully (SIGTERM)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(20)
+
+    def restart(self, sig: int = signal.SIGKILL, down_s: float = 0.0) -> None:
+        """Stop it, stay down ``down_s`` seconds, start it again on the same port and data."""
+        self.kill(sig)
+        time.sleep(down_s)
+        self.start()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join((self.workdir / "redis.log").read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+
+@pytest.fixture
+def start_redis_server(tmp_path) -> Iterator[Callable[..., RedisServer]]:
+    """Factory: start a private ``redis-server``; all are killed at teardown."""
+    servers: list[RedisServer] = []
+
+    def start(name: str = "redis", appendonly: bool = False) -> RedisServer:
+        server = RedisServer(tmp_path / name, appendonly=appendonly)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.kill()
+
+
+def postgres_bin() -> Path | None:
+    """The folder of PostgreSQL's server binaries (``initdb``, ``pg_ctl``), if installed."""
+    import glob
+    import shutil
+
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).parent
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]))
+    return Path(candidates[-1]) if candidates and (Path(candidates[-1]) / "pg_ctl").is_file() else None
+
+
+class PostgresCluster:
+    """A private PostgreSQL cluster (``initdb`` in a temporary folder, a free port).
+
+    The server refuses to run as root: as root, every command runs as the
+    ``postgres`` user through ``runuser``, in a folder that user owns. Its
+    socket lives in that folder too, never in the shared ``/var/run``.
+    """
+
+    def __init__(self, bindir: Path):
+        import tempfile
+
+        self.bindir = bindir
+        self.port = free_port()
+        self.base = Path(tempfile.mkdtemp(prefix="ebb-pg-"))
+        self.data = self.base / "data"
+        self.logfile = self.base / "server.log"
+        self._as_postgres = os.geteuid() == 0
+        if self._as_postgres:
+            import pwd
+
+            user = pwd.getpwnam("postgres")
+            os.chown(self.base, user.pw_uid, user.pw_gid)
+
+    def _run(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        command = [str(self.bindir / args[0]), *args[1:]]
+        if self._as_postgres:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=self.base)
+        if result.returncode != 0:
+            raise AssertionError(f"{' '.join(args[:2])} failed ({result.returncode}):\n"
+                                 f"{result.stdout}\n{result.stderr}\n{self.log_tail()}")
+        return result
+
+    @property
+    def _server_options(self) -> str:
+        return (f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 "
+                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+
+    def init(self) -> "PostgresCluster":
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
+                  "--no-sync", "--no-instructions")
+        return self
+
+    def start(self) -> "PostgresCluster":
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "60",
+                  "-o", self._server_options, "start")
+        return self
+
+    def restart(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.logfile), "-w", "-t", "60", "-m", mode,
+                  "-o", self._server_options, "restart")
+
+    def stop(self, mode: str = "immediate") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-w", "-t", "60", "-m", mode, "stop")
+
+    def postmaster_pid(self) -> int | None:
+        try:
+            return int((self.data / "postmaster.pid").read_text().splitlines()[0])
+        except (FileNotFoundError, IndexError, ValueError, PermissionError):
+            return None
+
+    def destroy(self) -> None:
+        """Stop the server (immediate) if it runs, and delete every file of the cluster."""
+        import shutil
+
+        try:
+            if (self.data / "postmaster.pid").exists():
+                self.stop("immediate")
+        except Exception:  # noqa: BLE001 - removing the folder matters more
+            pid = self.postmaster_pid()
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGQUIT)
+                except ProcessLookupError:
+                    pass
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        from sqlalchemy import create_engine, text
+
+        admin = create_engine(self.url(), isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+        finally:
+            admin.dispose()
+        return self.url(name)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
+        except (FileNotFoundError, PermissionError):
+            return ""
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresCluster]:
+    """A started private PostgreSQL cluster; stopped (immediate) and deleted at teardown, even on failure."""
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found")
+    cluster = PostgresCluster(bindir)
+    try:
+        cluster.init().start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+class GunicornProcess:
+    """``gunicorn web.wsgi:app`` on ``127.0.0.1:<port>``, in its own process group."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, cwd: Path, port: int | None = None,
+                 workers: int = 2):
+        self.env = env
+        self.log_path = log_path
+        self.cwd = cwd
+        self.port = port or free_port()
+        self.workers = workers
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "GunicornProcess":
+        self.cwd.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "web.wsgi:app", "--bind", f"127.0.0.1:{self.port}",
+             "--workers", str(self.workers), "--timeout", "60", "--graceful-timeout", "5",
+             "--no-control-socket"],
+            env=self.env, cwd=self.cwd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        return self
+
+    def wait_ready(self, timeout: float = 90.0) -> float:
+        """Block until ``/healthz`` answers 200; return seconds waited."""
+        import requests
+
+        started = time.monotonic()
+        while True:
+            try:
+                if requests.get(f"{self.base_url}/healthz", timeout=2).status_code == 200:
+                    return time.monotonic() - started
+            except requests.RequestException:
+                pass
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"gunicorn exited with {self.proc.returncode}:\n{self.tail()}")
+            if time.monotonic() - started > timeout:
+                raise AssertionError(f"gunicorn not ready after {timeout:.0f} s:\n{self.tail()}")
+            time.sleep(0.2)
+
+    def kill(self, sig: int = signal.SIGKILL, timeout: float = 30.0) -> None:
+        """Signal the whole process group (master and workers) and wait for the master."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            return
+        self.proc.wait(timeout)
+        if sig == signal.SIGKILL:
+            return
+        try:  # workers orphaned by a master that died first
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        try:
+            self.kill(signal.SIGTERM)
+        except subprocess.TimeoutExpired:
+            self.kill(signal.SIGKILL)
+        finally:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+
+    def tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+
+@pytest.fixture
+def start_gunicorn(tmp_path) -> Iterator[Callable[..., GunicornProcess]]:
+    """Factory: start ``gunicorn web.wsgi:app`` with ``env``; all are stopped at teardown."""
+    started: list[GunicornProcess] = []
+
+    def start(env: dict[str, str], port: int | None = None, name: str = "gunicorn") -> GunicornProcess:
+        base = tmp_path / f"{name}-{len(started)}"
+        base.mkdir(parents=True, exist_ok=True)
+        server = GunicornProcess(env, base / "gunicorn.log", cwd=base, port=port)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
