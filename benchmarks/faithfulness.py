@@ -23,6 +23,7 @@ is marked *best*.
 Usage:
     python benchmarks/faithfulness.py [--iterations 300] [--threads 2]
         [--variants mp-preservation,mp-constant,extremal] [--json out.json]
+        [--no-default] [--no-gradcam] [--no-torchray]
 
 Prints the settings, a markdown summary table (means over the cases) and a
 per-case table.
@@ -147,7 +148,9 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=300, help="iterations of every optimising method")
     parser.add_argument("--variants", default="mp-preservation,mp-constant,extremal",
                         help="comma-separated, from: " + ", ".join(variants(1)))
-    parser.add_argument("--no-torchray", action="store_true")
+    parser.add_argument("--no-default", action="store_true", help="skip mp-default")
+    parser.add_argument("--no-gradcam", action="store_true", help="skip Grad-CAM")
+    parser.add_argument("--no-torchray", action="store_true", help="skip TorchRay even if installed")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="also write all rows here")
@@ -162,17 +165,18 @@ def main() -> None:
     boxes = json.loads(BOXES.read_text())
     images = {name: decode_image((IMAGES / name).read_bytes()).pixels for name in {c[0] for c in CASES}}
 
-    methods: dict[str, tuple[str, Method]] = {
-        "mp-default": (f"seed-faithful config, {args.iterations} it (reference 500)",
-                       mp(PerturbationConfig(iterations=args.iterations))),
-    }
+    methods: dict[str, tuple[str, Method]] = {}
+    if not args.no_default:
+        methods["mp-default"] = (f"seed-faithful config, {args.iterations} it (reference 500)",
+                                 mp(PerturbationConfig(iterations=args.iterations)))
     candidates = variants(args.iterations)
     chosen = [v for v in args.variants.split(",") if v]
     unknown = [v for v in chosen if v not in candidates]
     if unknown:
         parser.error(f"unknown variant(s): {', '.join(unknown)}")
     methods.update({v: candidates[v] for v in chosen})
-    methods["grad-cam"] = ("pytorch-grad-cam GradCAM, layer bn2", gradcam_method)
+    if not args.no_gradcam:
+        methods["grad-cam"] = ("pytorch-grad-cam GradCAM, layer bn2", gradcam_method)
     if not args.no_torchray:
         try:
             methods["torchray-extremal"] = (f"areas {AREAS}, max_iter {args.iterations}, mean of masks",

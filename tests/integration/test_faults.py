@@ -26,7 +26,6 @@ import signal
 import time
 import uuid
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -62,8 +61,12 @@ def spawn(start_worker) -> Iterator[Callable[..., Stack]]:
         return stack
 
     yield spawn
-    for stack in mine:
-        stack.worker.terminate()
+    for stack in mine:  # the test is over: no need to wait for a warm shutdown
+        if stack.worker.proc is not None and stack.worker.proc.poll() is None:
+            try:
+                os.killpg(stack.worker.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     for stack in mine:
         stack.worker.stop()
 
@@ -143,7 +146,7 @@ def test_worker_killed_mid_job_is_redelivered_once_to_another_worker(
     """
     redis = start_redis_server("redis")
     common = dict(database_url=sqlite_url, redis_url=redis.url(), data_dir=tmp_path / "data",
-                  queue_prefix="faults-kill", EBB_HEARTBEAT_TIMEOUT="4", EBB_REAP_INTERVAL="1",
+                  queue_prefix="faults-kill", EBB_HEARTBEAT_TIMEOUT="5", EBB_REAP_INTERVAL="1",
                   EBB_VISIBILITY_TIMEOUT="8")
     first, second = spawn("kill-a", wait=False, **common), spawn("kill-b", wait=False, **common)
     first.worker.wait_ready(), second.worker.wait_ready()
@@ -320,10 +323,9 @@ def test_redis_restart_loses_no_job_and_refuses_submissions_while_down(
     waiting, unacked = broker_leftovers(redis.client(), queue)
     assert waiting == []
     assert all(rows[uuid.UUID(j)].status == "succeeded" for j in unacked), unacked
-    print(f"\nRedis restart: {len(unacked)} stale message(s) of finished jobs left unacknowledged; "
-          f"worker log:\n" + "\n".join(line for line in stack.worker.log_text().splitlines()
-                                       if "broker" in line or "unacknowledged" in line or "Connected" in line))
-    print(f"\nRedis restart: all {len(accepted)} jobs done")
+    noticed = stack.worker.log_text().count("Connection to broker lost")
+    print(f"\nRedis restart: all {len(accepted)} jobs done; the worker saw the connection drop {noticed} "
+          f"time(s); {len(unacked)} stale message(s) of finished jobs left unacknowledged")
 
 
 # --------------------------------------------------------------------------- 4. PostgreSQL restart
@@ -391,7 +393,7 @@ def test_reaper_requeues_or_fails_the_jobs_of_a_vanished_worker(
 
     redis = start_redis_server("redis")
     stack = spawn("reaper", database_url=sqlite_url, redis_url=redis.url(), data_dir=tmp_path / "data",
-                  queue_prefix="faults-reap", EBB_HEARTBEAT_TIMEOUT="3", EBB_REAP_INTERVAL="1",
+                  queue_prefix="faults-reap", EBB_HEARTBEAT_TIMEOUT="4", EBB_REAP_INTERVAL="1",
                   EBB_MAX_ATTEMPTS="2")
     ghost = "vanished@nowhere"
     # No message for these jobs exists any more: the vanished worker had taken
@@ -408,7 +410,7 @@ def test_reaper_requeues_or_fails_the_jobs_of_a_vanished_worker(
             worker_hostname=ghost, progress_iteration=2)
     while time.monotonic() < alive_until:
         set_job(sqlite_url, retry, heartbeat_at=utcnow())
-        time.sleep(0.5)
+        time.sleep(0.25)
     still = stack.job(retry)
     assert (still.status, still.attempts, still.worker_hostname) == ("running", 1, ghost)
     vanished = time.monotonic()  # ...and then it is gone
