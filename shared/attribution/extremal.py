@@ -8,7 +8,7 @@ For one image, one class and a target area ``a``, find the mask ``m`` of area
 relaxed to minimising ``-score + λ_t * R_a(m)`` with Adam, where:
 
 * the mask is *smooth by construction* (:func:`smooth_mask`): low-resolution
-  parameters ``m̄`` in [0, 1] on a grid (28×28 at 224) are spread with a
+  parameters ``m̄`` in [0, 1] on a grid (32×32 at 224) are spread with a
   Gaussian kernel ``k(u - v) = exp(-|u - v|² / 2σ²)`` and combined by a
   *smooth max* over the grid points near each pixel,
   ``m(u) = smax_v k(u - v) m̄(v)``, so a mask is a union of blobs no sharper
@@ -98,7 +98,7 @@ def _smax_conv(params: torch.Tensor, factor: int, sigma: float, temperature: flo
 
 
 def smooth_mask(
-    params: torch.Tensor, size: int, sigma: float = 2.0, temperature: float = 0.05, factor: int | None = None
+    params: torch.Tensor, size: int, sigma: float = 3.0, temperature: float = 0.05, factor: int | None = None
 ) -> torch.Tensor:
     """The smooth mask of the parameters, at the input resolution.
 
@@ -110,7 +110,7 @@ def smooth_mask(
     Args:
         params: ``(N, 1, h, w)`` in [0, 1].
         size: output side ``S``.
-        sigma: kernel std in grid cells (2 at 28×28 parameters = 16 px at 224).
+        sigma: kernel std in grid cells (3 at 32×32 parameters = 21 px at 224).
         temperature: of the smooth max (mask units; small = close to max).
         factor: intermediate upsampling; default ``ceil(S / 2h)``.
     Returns:
@@ -295,15 +295,15 @@ def extremal(
     areas: Sequence[float] = (0.05, 0.1, 0.2),
     *,
     iterations: int = 300,
-    learning_rate: float = 0.05,
-    param_size: int = 28,
+    learning_rate: float = 0.1,
+    param_size: int = 32,
     input_size: int = 224,
-    sigma: float = 2.0,
+    sigma: float = 3.0,
     temperature: float = 0.05,
     max_blur: float | None = None,
     levels: int = 8,
-    reg_start: float = 10.0,
-    reg_end: float = 1000.0,
+    reg_start: float = 1.0,
+    reg_end: float = 500.0,
     game: str = "preservation",
     score: str = "logit",
     on_step: OnStep | None = None,
@@ -318,9 +318,11 @@ def extremal(
         areas: fractions of the image in (0, 1), one mask each.
         iterations: Adam steps (1-10000).
         learning_rate: Adam learning rate on the parameters.
-        param_size: side of the parameter grid (4 to ``input_size``).
+        param_size: side of the parameter grid (4 to ``input_size``; 32 is
+            one parameter per 7 pixels at 224).
         input_size: side of the square model input.
-        sigma: smoothing kernel std in grid cells (0.5-10).
+        sigma: smoothing kernel std in grid cells (0.5-10; 3 cells = 21 px
+            at 224, the smallest blob the mask can draw).
         temperature: smooth-max temperature (0.001-1).
         max_blur: σ in pixels of the most blurred pyramid level; default
             ``20 * input_size / 224``.

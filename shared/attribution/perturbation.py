@@ -31,7 +31,11 @@ job) and :func:`step_batch` (one batched Adam step for many jobs), which
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -413,10 +417,62 @@ def _autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+#: Layers whose float32 weight and bias autocast casts to bf16 on every call.
+_AUTOCAST_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                    nn.ConvTranspose3d, nn.Linear)
+_bf16_lock = threading.Lock()
+_bf16_copies: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def _bf16_weights(module: nn.Module) -> nn.Module:
+    """``module`` with its convolution and linear weights already in bf16, for autocast.
+
+    Under bf16 autocast those layers cast their float32 weight and bias to bf16
+    on *every* call (autocast caches casts only for parameters that require
+    grad, and ours are frozen): for VGG19 that is 140 M values per step,
+    ~20% of a bf16 step at batch 1 on a CPU. This copy holds those weights cast
+    once (the same bf16 values autocast would make, so results are identical)
+    and shares every other parameter and buffer with ``module``. It is cached
+    per module and rebuilt when a weight changes (moved, reloaded, modified in
+    place, or put in another memory format). Compiled modules are returned as is.
+    """
+    if hasattr(module, "_orig_mod"):  # torch.compile wrapper: leave it alone
+        return module
+    weights = [t for m in module.modules() if isinstance(m, _AUTOCAST_LAYERS)
+               for t in (m.weight, m.bias) if t is not None and t.dtype == torch.float32]
+    if not weights:
+        return module
+    key = tuple((t.data_ptr(), t._version, t.device, t.stride()) for t in weights)
+    with _bf16_lock:
+        cached = _bf16_copies.get(module)
+        if cached is None or cached[0] != key:
+            cast = {id(t) for t in weights}
+            memo: dict[int, Any] = {}
+            for t in itertools.chain(module.parameters(), module.buffers()):
+                if id(t) not in cast:
+                    memo[id(t)] = t  # shared, not copied
+                elif isinstance(t, nn.Parameter):
+                    memo[id(t)] = nn.Parameter(t.detach().to(torch.bfloat16), requires_grad=False)
+                else:  # pragma: no cover - weights are parameters in torch's layers
+                    memo[id(t)] = t.detach().to(torch.bfloat16)
+            cached = (key, copy.deepcopy(module, memo))
+            _bf16_copies[module] = cached
+    shadow = cached[1]
+    if shadow.training != module.training:
+        shadow.train(module.training)
+    return shadow
+
+
 def _probabilities(classifier: Classifier, x: torch.Tensor, precision: str) -> torch.Tensor:
     """Softmax over classes of normalised ``x`` ``(N, 3, S, S)`` -> ``(N, C)`` float32."""
+    module = classifier.module
+    if precision == "bf16":
+        try:
+            module = _bf16_weights(module)
+        except Exception:  # noqa: BLE001 - e.g. a module deepcopy refuses: plain autocast
+            module = classifier.module
     with _autocast(x.device, precision):
-        logits = classifier.module(x)
+        logits = module(x)
     return torch.softmax(logits.float(), dim=1)
 
 

@@ -138,7 +138,7 @@ def test_shapes_and_fields(runs):
         assert r.iterations_run == 40 and not r.cancelled
         assert set(r.history) == {"total", "score", "area_loss", "lambda"}
         assert all(len(v) == 40 for v in r.history.values())
-        assert r.history["lambda"][0] == pytest.approx(10.0) and r.history["lambda"][-1] == pytest.approx(1000.0)
+        assert r.history["lambda"][0] == pytest.approx(1.0) and r.history["lambda"][-1] == pytest.approx(500.0)
         np.testing.assert_array_equal(r.saliency, r.mask)
         json.dumps(r.to_json())
 
