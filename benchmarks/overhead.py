@@ -5,9 +5,9 @@ Starts the real service once (``benchmarks/_service.py``: gunicorn web app, one
 SQLite or PostgreSQL database, a temporary DATA_DIR), then in the same run:
 
 1. **Overhead ratio.** ``--repeats`` times, interleaved: the bare call
-   ``explain(model, pixels, target, config)`` in this process (same weights,
-   same torch thread count as the worker, same image, target, iterations and
-   seed), then the same job through the service: ``POST /api/v1/jobs`` →
+   ``explain(model, pixels, target, config)`` in this process (same weights
+   and memory format, same torch thread count as the worker, same image,
+   target, iterations and seed, on a side thread as in the worker), then the same job through the service: ``POST /api/v1/jobs`` →
    database row → Redis → worker (claim, decode, optimise, artifacts, final
    write). End to end is measured from just before the POST is sent to the
    job's ``finished_at`` (written by the worker after the artifacts are on
@@ -74,10 +74,15 @@ def main() -> None:
     name, data = example_images()[0]
     pixels = decode_image(data).pixels
     classifier = load_local_model(args.model)
+    from worker.engine import wants_channels_last
+
+    layout = "channels_last" if wants_channels_last(classifier) else "contiguous"
+    if layout == "channels_last":  # the model as the worker's batch engine sets it up
+        classifier.module.to(memory_format=torch.channels_last)
     config = PerturbationConfig(iterations=args.iterations, seed=args.seed)
     target = in_thread(explain, classifier, pixels, None, config.replace(iterations=1)).target  # warms up
     print(f"model {args.model}, image {name}, target {target}, {args.iterations} iterations, seed {args.seed}; "
-          f"threads {args.threads} (bare and worker), worker EBB_MAX_BATCH {args.batch}, database "
+          f"threads {args.threads} and {layout} weights (bare and worker), worker EBB_MAX_BATCH {args.batch}, database "
           f"{args.database}; load average at start {' '.join(f'{v:.1f}' for v in os.getloadavg())}", flush=True)
 
     service = Service(args.model, max_batch=args.batch, threads=args.threads, database=args.database,

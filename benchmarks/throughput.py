@@ -20,14 +20,19 @@ first POST to the last job's ``finished_at``. Variants:
 
 Faithfulness of the fast variants, job by job against the baseline run of the
 same job (same image, seed and target): the largest difference of
-``score_after`` (target probability on the final perturbation), and, for the
-first ``--auc-jobs`` jobs, of the deletion / insertion AUCs of their masks
-(``shared.attribution.metrics.deletion_insertion``, computed here on the same
-weights).
+``score_after`` (target probability on the final perturbation, as the worker
+reports it: a bf16 job's is scored with a bf16 forward), of the same
+probability re-evaluated here in fp32 from each job's saved mask (the mask's
+effect alone), and, for the first ``--auc-jobs`` jobs, of the deletion /
+insertion AUCs of the masks (``shared.attribution.metrics.deletion_insertion``,
+computed here in fp32 on the same weights), with their means.
 
 Usage:
     python benchmarks/throughput.py --model vgg19 --jobs 4 --iterations 30 --repeats 2
-    python benchmarks/throughput.py --model efficientnet_lite0 --jobs 12 --iterations 30 --repeats 3
+    python benchmarks/throughput.py --model efficientnet_lite0 --jobs 12 --iterations 30 --repeats 3 \
+        --auc-jobs 12
+    # A/B of a worker setting, e.g. without channels_last:
+    python benchmarks/throughput.py ... --worker-env EBB_CHANNELS_LAST=0
 
 ``vgg19`` runs with random weights (``torchvision.models.vgg19(weights=None)``,
 seed 0, saved once and passed to the worker as ``EBB_WEIGHTS_FILE``).
@@ -46,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _service import ROOT, Service, example_images, load_local_model, parse_time  # noqa: E402
+from _service import ROOT, Service, example_images, in_thread, load_local_model, parse_time  # noqa: E402
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -101,6 +106,27 @@ def saliency_of(mask, size: int):
     return 1.0 - upsample_mask(m, size)[0, 0].numpy()
 
 
+def fp32_scores(classifier, images, targets, service: Service, ids: list[str]) -> list[float]:
+    """Each job's target probability on its final perturbation (its saved mask, no
+    noise), re-evaluated here with the fp32 model: the mask's effect alone,
+    without the bf16 forward the worker used for ``score_after`` of bf16 jobs."""
+    import torch
+
+    from shared.attribution.perturbation import _probabilities, blend, perturbation_baseline, prepare_image, \
+        upsample_mask
+    from shared.imaging.decode import decode_image
+
+    out = []
+    with torch.no_grad():
+        for i, job_id in enumerate(ids):
+            x = prepare_image(decode_image(images[i % len(images)][1]).pixels, classifier.input_size)
+            blurred = perturbation_baseline(x, "blur", "mean")
+            m = upsample_mask(torch.from_numpy(service.mask(job_id))[None, None].float(), classifier.input_size)
+            probs = _probabilities(classifier, blend(classifier.normalise(x), classifier.normalise(blurred), m), "fp32")
+            out.append(float(probs[0, targets[i % len(images)]]))
+    return out
+
+
 def aucs(classifier, images, targets, service: Service, ids: list[str], count: int) -> list[tuple[float, float]]:
     from shared.attribution.metrics import deletion_insertion
     from shared.imaging.decode import decode_image
@@ -124,8 +150,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads of the worker")
     parser.add_argument("--database", default="sqlite", choices=("sqlite", "postgresql"))
     parser.add_argument("--auc-jobs", type=int, default=2, help="jobs whose deletion/insertion AUCs are compared")
+    parser.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment of both workers (A/B experiments, e.g. EBB_CHANNELS_LAST=0)")
     parser.add_argument("--json", help="write the raw results here")
     args = parser.parse_args()
+    extra_env = dict(kv.split("=", 1) for kv in args.worker_env)
 
     import torch
 
@@ -135,12 +164,14 @@ def main() -> None:
     targets = targets_for(classifier, images)
     print(f"model {args.model}, {args.jobs} jobs x {args.iterations} iterations per variant, {args.repeats} "
           f"round(s); worker threads {args.threads}, batch cap on={args.batch} off=1, database {args.database}; "
-          f"images {[n for n, _ in images]}, targets {targets}; load average at start "
+          f"images {[n for n, _ in images]}, targets {targets}; worker env {extra_env or '-'}; load average at start "
           f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}", flush=True)
 
     services = {
-        "off": Service(args.model, max_batch=1, threads=args.threads, database=args.database, name="off"),
-        "on": Service(args.model, max_batch=args.batch, threads=args.threads, database=args.database, name="on"),
+        "off": Service(args.model, max_batch=1, threads=args.threads, database=args.database, name="off",
+                       extra_env=extra_env),
+        "on": Service(args.model, max_batch=args.batch, threads=args.threads, database=args.database, name="on",
+                      extra_env=extra_env),
     }
     results: dict[str, list[dict[str, Any]]] = {v: [] for v, _, _ in VARIANTS}
     started = time.monotonic()
@@ -160,16 +191,24 @@ def main() -> None:
                 r["round"] = rnd
                 results[name].append(r)
                 print(f"round {rnd + 1} {name:9s} {r['jobs_per_min']:7.2f} jobs/min ({r['wall_s']:.1f} s)", flush=True)
-        # Faithfulness: the last round's jobs against the baseline's.
+        # Faithfulness, job by job against the baseline run of the same job:
+        # score_after over every round; fp32 re-evaluation and AUCs on the last.
         base = results[BASELINE][-1]
-        base_auc = aucs(classifier, images, targets, services["off"], base["ids"], args.auc_jobs)
-        faith: dict[str, dict[str, float]] = {}
-        for name, svc_key, _ in VARIANTS:
+        # (on side threads: see _service.in_thread)
+        base_fp32 = in_thread(fp32_scores, classifier, images, targets, services["off"], base["ids"])
+        base_auc = in_thread(aucs, classifier, images, targets, services["off"], base["ids"], args.auc_jobs)
+        faith: dict[str, dict[str, Any]] = {BASELINE: {"aucs": base_auc}}
+        for name, svc_key, _ in VARIANTS[1:]:
+            diffs = [abs(a - b) for r, b0 in zip(results[name], results[BASELINE])
+                     for a, b in zip(r["score_after"], b0["score_after"])]
             r = results[name][-1]
-            d_score = max(abs(a - b) for a, b in zip(r["score_after"], base["score_after"]))
-            entry = {"score_after": d_score}
-            if name != BASELINE and args.auc_jobs > 0:
-                got = aucs(classifier, images, targets, services[svc_key], r["ids"], args.auc_jobs)
+            evaluated = in_thread(fp32_scores, classifier, images, targets, services[svc_key], r["ids"])
+            entry: dict[str, Any] = {
+                "score_after": max(diffs), "score_after_median": statistics.median(diffs),
+                "score_after_fp32_eval": max(abs(a - b) for a, b in zip(evaluated, base_fp32)),
+            }
+            if args.auc_jobs > 0:
+                got = in_thread(aucs, classifier, images, targets, services[svc_key], r["ids"], args.auc_jobs)
                 entry["deletion_auc"] = max(abs(a[0] - b[0]) for a, b in zip(got, base_auc))
                 entry["insertion_auc"] = max(abs(a[1] - b[1]) for a, b in zip(got, base_auc))
                 entry["aucs"] = got
@@ -182,20 +221,30 @@ def main() -> None:
     print(f"\ntotal {time.monotonic() - started:.0f} s; load average at end {load_end}\n")
     print(f"### Throughput, {args.model}, {args.iterations} iterations, {args.jobs} jobs per variant and round\n")
     print("| variant | EBB_MAX_BATCH | precision | jobs/min (median) | per round | vs off/fp32 (median of "
-          "per-round ratios) | max \\|Δ score_after\\| | max \\|Δ deletion AUC\\| | max \\|Δ insertion AUC\\| |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "per-round ratios) |")
+    print("|---|---|---|---|---|---|")
     for name, svc_key, precision in VARIANTS:
         per = [r["jobs_per_min"] for r in results[name]]
         ratios = [r["jobs_per_min"] / b["jobs_per_min"] for r, b in zip(results[name], results[BASELINE])]
-        f = faith.get(name, {})
+        print(f"| {name} | {1 if svc_key == 'off' else args.batch} | {precision} | {statistics.median(per):.2f} | "
+              f"{', '.join(f'{p:.2f}' for p in per)} | {statistics.median(ratios):.2f}x |")
+    n_auc = len(base_auc)
+    print(f"\n### Faithfulness against off/fp32, same job (image, seed, target)\n")
+    print(f"score_after: {args.jobs} jobs x {args.repeats} round(s); fp32 re-evaluation and AUCs: the last round "
+          f"({args.jobs} and {n_auc} jobs)\n")
+    print("| variant | max \\|Δ score_after\\| (median) | max \\|Δ score_after\\|, masks re-evaluated in fp32 | "
+          "max \\|Δ deletion AUC\\| | max \\|Δ insertion AUC\\| | mean deletion AUC (lower is better) | "
+          "mean insertion AUC (higher is better) |")
+    print("|---|---|---|---|---|---|---|")
+    mean = lambda xs, k: statistics.fmean(x[k] for x in xs) if xs else float("nan")  # noqa: E731
+    print(f"| off/fp32 | (reference) | (reference) | - | - | {mean(base_auc, 0):.4f} | {mean(base_auc, 1):.4f} |")
+    for name, _, _ in VARIANTS[1:]:
+        f = faith[name]
+        got = f.get("aucs", [])
         d_auc = f"{f['deletion_auc']:.4f}" if "deletion_auc" in f else "-"
         i_auc = f"{f['insertion_auc']:.4f}" if "insertion_auc" in f else "-"
-        score = f"{f['score_after']:.2e}" if name != BASELINE else "(reference)"
-        print(f"| {name} | {1 if svc_key == 'off' else args.batch} | {precision} | {statistics.median(per):.2f} | "
-              f"{', '.join(f'{p:.2f}' for p in per)} | {statistics.median(ratios):.2f}x | {score} | {d_auc} | {i_auc} |")
-    if base_auc:
-        print(f"\nbaseline AUCs (deletion, insertion) of the first {len(base_auc)} job(s): "
-              + "; ".join(f"({d:.4f}, {i:.4f})" for d, i in base_auc))
+        print(f"| {name} | {f['score_after']:.4f} ({f['score_after_median']:.4f}) | "
+              f"{f['score_after_fp32_eval']:.4f} | {d_auc} | {i_auc} | {mean(got, 0):.4f} | {mean(got, 1):.4f} |")
     print("\nworker-side medians per job (from the jobs' timings): optimisation wall (all its steps, "
           "shared with its batch-mates), per mask-iteration, artifacts (save_s), setup_s")
     for name, _, _ in VARIANTS:

@@ -131,10 +131,11 @@ _CV2: Any = None
 def median_blur(image: torch.Tensor, kernel_size: int = 11) -> torch.Tensor:
     """Median filter, matching ``cv2.medianBlur`` (replicated border).
 
-    Exact on any input. Images on the 1/255 grid (all :func:`prepare_image`
-    outputs) are filtered on their uint8 codes: by ``cv2.medianBlur`` itself
-    on the CPU when OpenCV is installed (~5 ms at 224², against ~200 ms of
-    CPU for the torch selection), else by a torch selection on the codes.
+    Exact on any input. On the CPU, images on the 1/255 grid (all
+    :func:`prepare_image` outputs) are filtered on their uint8 codes: by
+    ``cv2.medianBlur`` itself when OpenCV is installed (~5 ms at 224², against
+    ~200 ms of CPU for the torch selection), else by a torch selection on the
+    codes. Other inputs and devices use a torch selection on the values.
 
     Args:
         image: ``(N, C, H, W)`` float.
@@ -147,20 +148,17 @@ def median_blur(image: torch.Tensor, kernel_size: int = 11) -> torch.Tensor:
     n, c, h, w = image.shape
     pad = kernel_size // 2
     middle = kernel_size * kernel_size // 2 + 1  # the median's rank (1-based) in a window
-    codes = (image * 255).round()
-    on_grid = (
-        image.dtype == torch.float32
-        and not image.requires_grad
-        and image.numel() > 0
-        and torch.equal(codes / 255, image)
-        and bool(codes.min() >= 0)
-        and bool(codes.max() <= 255)
-    )
+    # On the CPU only (elsewhere the float selection below is fast enough).
+    on_grid = image.device.type == "cpu" and image.dtype == torch.float32 and not image.requires_grad
+    if on_grid:
+        codes = (image * 255).round()
+        on_grid = (image.numel() > 0 and torch.equal(codes / 255, image)
+                    and bool(codes.min() >= 0) and bool(codes.max() <= 255))
     if not on_grid:
         x = F.pad(image.reshape(n * c, 1, h, w), (pad, pad, pad, pad), mode="replicate")
     else:
         planes = codes.reshape(n * c, h, w).to(torch.uint8)
-        cv2 = _opencv() if image.device.type == "cpu" and kernel_size > 1 else None
+        cv2 = _opencv() if kernel_size > 1 else None
         if cv2 is not None:
             out = np.stack([cv2.medianBlur(np.ascontiguousarray(p), kernel_size) for p in planes.numpy()])
             return torch.from_numpy(out).reshape(n, c, h, w).to(image.dtype) / 255

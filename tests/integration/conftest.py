@@ -356,16 +356,22 @@ def build_stack(start_worker, *, database_url: str, redis_url: str, data_dir: Pa
 
 
 @pytest.fixture(scope="session")
-def stack(database_url, redis_url, queue_prefix, start_worker, tmp_path_factory) -> Stack:
+def stack(database_url, redis_url, queue_prefix, start_worker, tmp_path_factory) -> Iterator[Stack]:
     """One worker per database backend, shared by that backend's tests.
 
-    Each backend gets its own queues: a worker must never take a job whose
-    row lives in another database.
+    Each instance gets its own queues and its worker is stopped when pytest
+    tears the fixture down: pytest may re-create a parametrized session
+    fixture (with a fresh database) when tests of both backends interleave,
+    and a worker must never take a job whose row lives in another database.
     """
     backend = database_url.split(":")[0].split("+")[0]
-    return build_stack(start_worker, database_url=database_url, redis_url=redis_url,
-                       data_dir=tmp_path_factory.mktemp("data"), queue_prefix=f"{queue_prefix}.{backend}",
-                       name=f"worker-{backend}")
+    built = build_stack(start_worker, database_url=database_url, redis_url=redis_url,
+                        data_dir=tmp_path_factory.mktemp("data"),
+                        queue_prefix=f"{queue_prefix}.{backend}-{uuid.uuid4().hex[:6]}",
+                        name=f"worker-{backend}")
+    yield built
+    built.worker.terminate()
+    built.worker.stop()
 
 
 @pytest.fixture
