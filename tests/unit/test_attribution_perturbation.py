@@ -256,3 +256,13 @@ def test_bf16_autocast_close_to_fp32(tiny, cfg, images):
     fp32 = explain(tiny, images[0], 1, cfg)
     bf16 = explain(tiny, images[0], 1, cfg.replace(precision="bf16"))
     assert np.abs(fp32.mask - bf16.mask).mean() < 0.05
+
+
+def test_median_blur_pure_torch_path_matches_opencv(noise_image, monkeypatch):
+    """Without OpenCV the torch fallback gives the same result."""
+    import shared.attribution.perturbation as perturbation
+
+    monkeypatch.setattr(perturbation, "_CV2", False)
+    ours = median_blur(_to_tensor(noise_image), 11)[0].permute(1, 2, 0).numpy()
+    ref = cv2.medianBlur(noise_image, 11).astype(np.float32) / 255
+    assert np.array_equal(ours, ref)
