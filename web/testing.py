@@ -115,3 +115,51 @@ def flush_redis(url: str) -> None:
         client.flushdb()
     finally:
         client.close()
+
+
+class TestApps:
+    """Flask apps for one test module: its own Redis DB and queue prefix.
+
+    Wraps the fixture plumbing the web test modules share: skip without Redis,
+    delete the module's keys afterwards, build apps from :func:`app_env`, and
+    dispose of their database engines after each test.
+    """
+
+    __test__ = False  # a helper, not a pytest test class
+
+    def __init__(self, redis_db: int, prefix: str):
+        self.redis_db = redis_db
+        self.redis_url = f"redis://{REDIS_HOST}:{REDIS_PORT}/{redis_db}"
+        self.prefix = prefix
+        self._apps: list = []
+
+    def redis_scope(self):
+        """Body of a module-scoped fixture: skip without Redis, clean up after."""
+        import pytest
+
+        problem = redis_available(self.redis_url)
+        if problem:
+            pytest.skip(f"Redis not reachable at {self.redis_url}: {problem}")
+        yield
+        delete_keys(self.redis_url, self.prefix)
+
+    def make(self, tmp_path: Path, monkeypatch, *, clear: tuple[str, ...] = (), reset: bool = True,
+             **env: str):
+        """A test app on this module's Redis DB and prefix; ``clear`` unsets env variables."""
+        from web import create_app
+
+        monkeypatch.setenv("EBB_QUEUE_PREFIX", self.prefix)
+        for name in clear:
+            monkeypatch.delenv(name, raising=False)
+        for key, value in app_env(tmp_path / "data", self.redis_db, **env).items():
+            monkeypatch.setenv(key, value)
+        if reset:
+            delete_keys(self.redis_url, self.prefix)
+        app = create_app({"TESTING": True})
+        self._apps.append(app)
+        return app
+
+    def dispose(self) -> None:
+        """Close every app's database connections (engines are cached per URL)."""
+        while self._apps:
+            self._apps.pop().extensions["ebb"].session_factory.kw["bind"].dispose()

@@ -15,15 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from web.testing import (
-    DEAD_REDIS_URL,
-    TEST_MODELS,
-    app_env,
-    delete_keys,
-    image_bytes,
-    queue_messages,
-    redis_available,
-)
+from web.testing import DEAD_REDIS_URL, TEST_MODELS, image_bytes, queue_messages
+from web.testing import TestApps
 
 REDIS_DB = 12
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
@@ -34,37 +27,22 @@ PREFIX = f"ebbtest-web{REDIS_DB}-{uuid.uuid4().hex[:8]}"
 QUEUE = f"{PREFIX}.{MODEL}"
 
 
+APPS = TestApps(REDIS_DB, PREFIX)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _redis():
-    problem = redis_available(REDIS_URL)
-    if problem:
-        pytest.skip(f"Redis not reachable at {REDIS_URL}: {problem}")
-    yield
-    delete_keys(REDIS_URL, PREFIX)
-
-
-_APPS: list = []
+    yield from APPS.redis_scope()
 
 
 @pytest.fixture(autouse=True)
 def _dispose_engines():
-    """Close each test app's database connections (engines are cached per URL)."""
     yield
-    while _APPS:
-        _APPS.pop().extensions["ebb"].session_factory.kw["bind"].dispose()
+    APPS.dispose()
 
 
 def make_app(tmp_path: Path, monkeypatch, **env):
-    from web import create_app
-
-    monkeypatch.setenv("EBB_QUEUE_PREFIX", PREFIX)
-    for key, value in app_env(tmp_path / "data", REDIS_DB, **env).items():
-        monkeypatch.setenv(key, value)
-    delete_keys(REDIS_URL, PREFIX)
-    app = create_app({"TESTING": True})
-    _APPS.append(app)
-    return app
-
+    return APPS.make(tmp_path, monkeypatch, **env)
 
 @pytest.fixture
 def app(tmp_path, monkeypatch):
