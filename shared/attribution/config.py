@@ -15,6 +15,11 @@ BLURS = ("mean", "gaussian", "median")
 PRECISIONS = ("fp32", "bf16")
 GAMES = ("deletion", "preservation")
 PERTURBATIONS = ("blur", "constant", "noise")
+#: ``meaningful_perturbation`` (Fong & Vedaldi 2017, the default) or
+#: ``extremal`` (Fong, Patrick & Vedaldi 2019).
+METHODS = ("meaningful_perturbation", "extremal")
+#: At most this many target areas per extremal job.
+MAX_AREAS = 5
 
 # field -> (low, high) inclusive; None means unbounded on that side.
 _RANGES: dict[str, tuple[float | None, float | None]] = {
@@ -66,6 +71,18 @@ class PerturbationConfig:
             i.i.d. Gaussian pixels around the image's mean colour, with the
             image's per-channel std, drawn once from ``seed`` and clipped to
             [0, 1]).
+        method: ``meaningful_perturbation`` (default; everything above) or
+            ``extremal``: extremal perturbations (2019), one mask per entry of
+            ``areas``, with the smooth max-convolution mask (``mask_size``
+            parameters a side), the blur-pyramid perturbation and the ranking
+            area loss, optimised for ``iterations`` Adam steps at
+            ``learning_rate`` on ``input_size`` inputs. ``game`` picks
+            preservation (the paper's main game) or deletion; ``l1_coeff``,
+            ``tv_coeff``, ``tv_beta``, ``noise_std``, ``blur``, ``perturbation``
+            and ``precision`` do not apply to it.
+        areas: the extremal target areas, 1-5 fractions strictly between 0
+            and 1 (default 5%, 10% and 20% of the image); unused by
+            ``meaningful_perturbation``.
     """
 
     iterations: int = 500
@@ -81,6 +98,8 @@ class PerturbationConfig:
     precision: str = "fp32"
     game: str = "deletion"
     perturbation: str = "blur"
+    method: str = "meaningful_perturbation"
+    areas: tuple[float, ...] = (0.05, 0.1, 0.2)
 
     def __post_init__(self) -> None:
         for name, (low, high) in _RANGES.items():
@@ -107,10 +126,17 @@ class PerturbationConfig:
             raise ValueError(
                 f"perturbation must be one of {', '.join(PERTURBATIONS)}, got {self.perturbation!r}"
             )
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        object.__setattr__(self, "areas", _check_areas(self.areas))
         if self.mask_size > self.input_size:
             raise ValueError(
                 f"mask_size must be at most input_size ({self.input_size}), got {self.mask_size}"
             )
+
+    @property
+    def is_extremal(self) -> bool:
+        return self.method == "extremal"
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -126,7 +152,10 @@ class PerturbationConfig:
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-safe: plain ints, floats and strings; ``areas`` as a list."""
+        data = dataclasses.asdict(self)
+        data["areas"] = list(self.areas)
+        return data
 
     def replace(self, **changes: Any) -> "PerturbationConfig":
         return dataclasses.replace(self, **changes)
@@ -135,3 +164,21 @@ class PerturbationConfig:
     def limits() -> dict[str, tuple[float | None, float | None]]:
         """Allowed inclusive range of each numeric field."""
         return dict(_RANGES)
+
+
+def _check_areas(areas: Any) -> tuple[float, ...]:
+    """``areas`` as a tuple of 1-:data:`MAX_AREAS` distinct floats in (0, 1), in the order given."""
+    if isinstance(areas, (int, float)) and not isinstance(areas, bool):
+        areas = (areas,)
+    if isinstance(areas, (str, bytes)) or not isinstance(areas, (list, tuple)):
+        raise ValueError(f"areas must be a list of fractions between 0 and 1, got {areas!r}")
+    if not 1 <= len(areas) <= MAX_AREAS:
+        raise ValueError(f"areas must list 1 to {MAX_AREAS} fractions, got {len(areas)}")
+    out = []
+    for a in areas:
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or not 0 < a < 1:
+            raise ValueError(f"areas must be fractions strictly between 0 and 1, got {a!r}")
+        out.append(float(a))
+    if len(set(out)) != len(out):
+        raise ValueError(f"areas must not repeat a value, got {out}")
+    return tuple(out)

@@ -47,6 +47,10 @@ class Job(Base):
     target_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
     target_label: Mapped[str | None] = mapped_column(String(200), nullable=True)
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # Several targets in one job: the class indices asked for (the first is
+    # ``target_index``), or ``top_k`` > 1 for the k most probable classes.
+    targets: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)
+    top_k: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     image_sha256: Mapped[str] = mapped_column(String(64), index=True)
     image_width: Mapped[int] = mapped_column(Integer)
@@ -63,6 +67,10 @@ class Job(Base):
     top5: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # {"seconds": ..., "iterations_run": ..., ...}
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # One entry per explained target (the primary first): its method, scores,
+    # deletion/insertion metrics, Grad-CAM baseline and extremal areas; see
+    # ``worker.jobs`` for the layout.
+    results: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
 

@@ -17,13 +17,14 @@ Conventions (Meaningful Perturbation, Fong & Vedaldi 2017):
 from __future__ import annotations
 
 import errno
+import io
 import json
 import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -32,6 +33,8 @@ from shared.imaging.decode import encode_png
 
 __all__ = [
     "ARTIFACT_NAMES",
+    "EXTRA_ARTIFACT_NAMES",
+    "RESULTS_SUBDIR",
     "HEATMAP_COLORMAP",
     "mask_to_png_array",
     "overlay",
@@ -50,6 +53,18 @@ ARTIFACT_NAMES = {
     "perturbed_png": "perturbed.png",
     "result_json": "result.json",
 }
+
+#: Optional artifacts, written when the job computed them (same contract):
+#: the Grad-CAM baseline's map (``(S, S)`` float32 in [0, 1]) and its overlay
+#: on the image, and for extremal jobs one overlay per target area, side by side.
+EXTRA_ARTIFACT_NAMES = {
+    "gradcam_npy": "gradcam.npy",
+    "gradcam_png": "gradcam.png",
+    "areas_png": "areas.png",
+}
+#: Sub-folder of a job's folder holding the artifacts of its k-th target
+#: (k >= 1): ``results/<k>/``; the first target's are at the top.
+RESULTS_SUBDIR = "results"
 
 #: Name of the OpenCV colour map used for saliency (perceptually uniform:
 #: black = not salient, bright yellow = most salient).
@@ -196,7 +211,15 @@ def thumbnail_png(image: np.ndarray, size: int = 96) -> bytes:
     return encode_png(np.asarray(pil))
 
 
-def save_artifacts(out_dir: Path, image: np.ndarray, explanation: Any) -> dict[str, Path]:
+def save_artifacts(
+    out_dir: Path,
+    image: np.ndarray,
+    explanation: Any,
+    *,
+    gradcam: np.ndarray | None = None,
+    area_masks: Sequence[np.ndarray] | None = None,
+    results: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Path]:
     """Write a job's artifacts atomically into ``out_dir``.
 
     Files (names from :data:`ARTIFACT_NAMES`):
@@ -212,7 +235,15 @@ def save_artifacts(out_dir: Path, image: np.ndarray, explanation: Any) -> dict[s
     * ``perturbed.png`` -- ``explanation.perturbed``, the ``(S, S)`` image
       the model saw at the end (blurred where the mask is 0);
     * ``result.json`` -- ``explanation.to_json()`` plus ``"artifacts"``,
-      the list of the six file names above (in that order).
+      the list of the file names written (these six, then the extras).
+
+    Optional extras (:data:`EXTRA_ARTIFACT_NAMES`): with ``gradcam`` (an
+    ``(S, S)`` float map in [0, 1], high = important) ``gradcam.npy`` and
+    ``gradcam.png`` (its overlay on ``image``); with ``area_masks`` (one
+    ``(S, S)`` float mask in [0, 1] per extremal area) ``areas.png``, their
+    overlays side by side. ``results`` are the other targets of the job, each a
+    mapping with ``explanation`` and optional ``gradcam`` / ``area_masks``,
+    written the same way into ``results/<k>/`` (k = 1, 2, ...).
 
     Everything is written (and fsynced) into a hidden temporary sibling
     directory ``.<name>.tmp-*`` which is then renamed to ``out_dir`` with
@@ -230,7 +261,7 @@ def save_artifacts(out_dir: Path, image: np.ndarray, explanation: Any) -> dict[s
             ``perturbed`` and ``to_json()``).
 
     Returns:
-        ``{artifact key: final path}`` for every key of :data:`ARTIFACT_NAMES`.
+        ``{artifact key: final path}`` for every file of the first target.
 
     Raises:
         ValueError: bad arguments, ``out_dir`` exists and is not a directory,
@@ -245,46 +276,95 @@ def save_artifacts(out_dir: Path, image: np.ndarray, explanation: Any) -> dict[s
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise ValueError(f"out_dir {str(out_dir)!r} exists and is not a plain directory")
     img = _check_image(image)
-    for attr in ("mask", "mask_upsampled", "perturbed", "to_json"):
-        if not hasattr(explanation, attr):
-            raise ValueError(f"explanation has no attribute {attr!r} (expected an Explanation)")
-    mask = _check_mask(explanation.mask, "explanation.mask")
-    mask_up = _check_mask(explanation.mask_upsampled, "explanation.mask_upsampled")
-    perturbed = _check_image(np.asarray(explanation.perturbed), "explanation.perturbed")
-    result = dict(explanation.to_json())
-    result["artifacts"] = list(ARTIFACT_NAMES.values())
-    try:
-        result_text = json.dumps(result, indent=2, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"explanation.to_json() is not valid JSON: {exc}") from exc
-
     # Render before touching the file system so that errors leave no trace.
-    contents: dict[str, bytes] = {
-        "mask_png": encode_png(mask_to_png_array(mask_up)),
-        "heatmap_png": encode_png(saliency_heatmap(mask_up)),
-        "overlay_png": encode_png(overlay(img, mask_up)),
-        "perturbed_png": encode_png(perturbed),
-        "result_json": (result_text + "\n").encode("utf-8"),
-    }
+    sets = [_render_set(img, explanation, gradcam, area_masks)]
+    for k, extra in enumerate(results, start=1):
+        if not isinstance(extra, Mapping) or "explanation" not in extra:
+            raise ValueError(f"results[{k - 1}] must be a mapping with an 'explanation'")
+        sets.append(_render_set(img, extra["explanation"], extra.get("gradcam"), extra.get("area_masks")))
 
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the web side must read it
-        with open(tmp / ARTIFACT_NAMES["mask_npy"], "wb") as fh:
-            np.save(fh, mask.astype(np.float32), allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        for key, data in contents.items():
-            _write_synced(tmp / ARTIFACT_NAMES[key], data)
+        for k, files in enumerate(sets):
+            folder = tmp if k == 0 else tmp / RESULTS_SUBDIR / str(k)
+            folder.mkdir(parents=True, exist_ok=True, mode=0o755)
+            for name, data in files.items():
+                _write_synced(folder / name, data)
+            _fsync_dir(folder)
         _fsync_dir(tmp)
         _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(parent)
-    return {key: out_dir / name for key, name in ARTIFACT_NAMES.items()}
+    names = {**ARTIFACT_NAMES, **EXTRA_ARTIFACT_NAMES}
+    return {key: out_dir / name for key, name in names.items() if name in sets[0]}
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _render_set(img: np.ndarray, explanation: Any, gradcam: Any, area_masks: Any) -> dict[str, bytes]:
+    """File name -> contents of one target's artifacts (see :func:`save_artifacts`)."""
+    for attr in ("mask", "mask_upsampled", "perturbed", "to_json"):
+        if not hasattr(explanation, attr):
+            raise ValueError(f"explanation has no attribute {attr!r} (expected an Explanation)")
+    mask = _check_mask(explanation.mask, "explanation.mask")
+    mask_up = _check_mask(explanation.mask_upsampled, "explanation.mask_upsampled")
+    perturbed = _check_image(np.asarray(explanation.perturbed), "explanation.perturbed")
+    # The heatmap and overlay draw the saliency (high = important): 1 - mask in
+    # the deletion game, the mask itself in the preservation game.
+    saliency = getattr(explanation, "saliency", None)
+    shown = mask_up if saliency is None else 1.0 - _check_mask(saliency, "explanation.saliency")
+    files: dict[str, bytes] = {
+        ARTIFACT_NAMES["mask_npy"]: _npy_bytes(mask),
+        ARTIFACT_NAMES["mask_png"]: encode_png(mask_to_png_array(mask_up)),
+        ARTIFACT_NAMES["heatmap_png"]: encode_png(saliency_heatmap(shown)),
+        ARTIFACT_NAMES["overlay_png"]: encode_png(overlay(img, shown)),
+        ARTIFACT_NAMES["perturbed_png"]: encode_png(perturbed),
+    }
+    extras: dict[str, bytes] = {}
+    if gradcam is not None:
+        cam = _check_mask(gradcam, "gradcam")
+        # Grad-CAM is high where it matters; overlay() draws a mask (low = important).
+        extras[EXTRA_ARTIFACT_NAMES["gradcam_npy"]] = _npy_bytes(cam)
+        extras[EXTRA_ARTIFACT_NAMES["gradcam_png"]] = encode_png(overlay(img, 1.0 - cam))
+    if area_masks:
+        extras[EXTRA_ARTIFACT_NAMES["areas_png"]] = encode_png(area_strip(img, area_masks))
+    result = dict(explanation.to_json())
+    result["artifacts"] = list(ARTIFACT_NAMES.values()) + list(extras)
+    try:
+        result_text = json.dumps(result, indent=2, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"explanation.to_json() is not valid JSON: {exc}") from exc
+    files.update(extras)
+    files[ARTIFACT_NAMES["result_json"]] = (result_text + "\n").encode("utf-8")
+    return files
+
+
+def area_strip(image: np.ndarray, masks: Sequence[np.ndarray], size: int = 224, gap: int = 4) -> np.ndarray:
+    """Overlays of ``masks`` (each ``(S, S)`` in [0, 1], high = kept) on
+    ``image``, each ``size`` pixels square, side by side with white gaps.
+
+    Returns ``(size, n*size + (n-1)*gap, 3)`` uint8 RGB.
+    """
+    masks = [_check_mask(m, f"area_masks[{i}]") for i, m in enumerate(masks)]
+    if not masks:
+        raise ValueError("area_masks must hold at least one mask")
+    from PIL import Image
+
+    small = np.asarray(Image.fromarray(_check_image(image)).resize((size, size), Image.BILINEAR))
+    tiles = [overlay(small, 1.0 - m) for m in masks]
+    out = np.full((size, len(tiles) * size + (len(tiles) - 1) * gap, 3), 255, dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        out[:, i * (size + gap): i * (size + gap) + size] = tile
+    return out
 
 
 def _write_synced(path: Path, data: bytes) -> None:
