@@ -49,6 +49,7 @@ from .classifier import Classifier
 from .perturbation import OnStep, frozen, gaussian_blur, null_progress, prepare_image
 
 __all__ = [
+    "ExtremalOptimisation",
     "ExtremalResult",
     "area_loss",
     "blur_pyramid",
@@ -339,119 +340,187 @@ def extremal(
     Returns:
         One :class:`ExtremalResult` per area, in the order given.
     """
-    started = time.perf_counter()
-    areas = [areas] if isinstance(areas, (int, float)) else list(areas)
-    if not areas:
-        raise ValueError("areas must list at least one area fraction")
-    for a in areas:
-        if isinstance(a, bool) or not isinstance(a, (int, float, np.floating)) or not 0 < a < 1:
-            raise ValueError(f"areas must be fractions strictly between 0 and 1, got {a!r}")
-    _check("iterations", iterations, 1, 10_000, integer=True)
-    _check("learning_rate", learning_rate, 1e-6, 10.0)
-    _check("input_size", input_size, 16, 1024, integer=True)
-    _check("param_size", param_size, 4, input_size, integer=True)
-    _check("sigma", sigma, 0.5, 10.0)
-    _check("temperature", temperature, 1e-3, 1.0)
-    _check("levels", levels, 2, 32, integer=True)
-    _check("reg_start", reg_start, 1e-6, 1e6)
-    _check("reg_end", reg_end, 1e-6, 1e6)
-    if max_blur is None:
-        max_blur = 20.0 * input_size / 224
-    _check("max_blur", max_blur, 0.1, 1000.0)
-    if game not in GAMES:
-        raise ValueError(f"game must be one of {', '.join(GAMES)}, got {game!r}")
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
-    iterations, param_size, input_size, levels = int(iterations), int(param_size), int(input_size), int(levels)
-    on_step = on_step or null_progress
-
-    classifier = Classifier.wrap(model)
-    device = classifier.device
-    x = prepare_image(image, input_size, device)  # (1, 3, S, S)
-    settings = dict(
-        iterations=iterations, learning_rate=learning_rate, param_size=param_size, input_size=input_size,
-        sigma=sigma, temperature=temperature, max_blur=float(max_blur), levels=levels,
-        reg_start=reg_start, reg_end=reg_end, game=game, score=score,
+    run = ExtremalOptimisation.create(
+        model, image, target, areas, iterations=iterations, learning_rate=learning_rate,
+        param_size=param_size, input_size=input_size, sigma=sigma, temperature=temperature,
+        max_blur=max_blur, levels=levels, reg_start=reg_start, reg_end=reg_end, game=game,
+        score=score, on_step=on_step,
     )
-    n = len(areas)
-    area_t = torch.tensor(areas, dtype=torch.float32, device=device)
-    sign = 1.0 if game == "preservation" else -1.0  # maximise (preserve) or minimise (delete)
+    while not run.done:
+        run.step(model)
+    return run.result(model)
 
-    with frozen(classifier.module):
-        with torch.no_grad():
-            pyramid = blur_pyramid(x, float(max_blur), levels)  # (1, L, 3, S, S)
-            probs = torch.softmax(_forward(classifier, x), dim=1)[0]
+
+class ExtremalOptimisation:
+    """The state of one extremal run (all its areas): parameters, Adam, history.
+
+    Create with :meth:`create`, advance with :meth:`step` until :attr:`done`,
+    then read :meth:`result`; :func:`extremal` does all three. A worker can
+    interleave the steps of this run with other work on the same model (each
+    step leaves the model's flags as it found them).
+    """
+
+    def __init__(self) -> None:  # use create()
+        self.params: torch.Tensor
+        self.optimizer: torch.optim.Optimizer
+
+    @classmethod
+    def create(
+        cls,
+        model: Classifier | nn.Module,
+        image: Any,
+        target: int | None = None,
+        areas: Sequence[float] = (0.05, 0.1, 0.2),
+        *,
+        iterations: int = 300,
+        learning_rate: float = 0.1,
+        param_size: int = 32,
+        input_size: int = 224,
+        sigma: float = 3.0,
+        temperature: float = 0.05,
+        max_blur: float | None = None,
+        levels: int = 8,
+        reg_start: float = 1.0,
+        reg_end: float = 500.0,
+        game: str = "preservation",
+        score: str = "logit",
+        on_step: OnStep | None = None,
+    ) -> "ExtremalOptimisation":
+        """Validate the options, build the blur pyramid, score the clean image
+        and pick the target (see :func:`extremal` for the arguments)."""
+        started = time.perf_counter()
+        areas = [areas] if isinstance(areas, (int, float)) else list(areas)
+        if not areas:
+            raise ValueError("areas must list at least one area fraction")
+        for a in areas:
+            if isinstance(a, bool) or not isinstance(a, (int, float, np.floating)) or not 0 < a < 1:
+                raise ValueError(f"areas must be fractions strictly between 0 and 1, got {a!r}")
+        _check("iterations", iterations, 1, 10_000, integer=True)
+        _check("learning_rate", learning_rate, 1e-6, 10.0)
+        _check("input_size", input_size, 16, 1024, integer=True)
+        _check("param_size", param_size, 4, input_size, integer=True)
+        _check("sigma", sigma, 0.5, 10.0)
+        _check("temperature", temperature, 1e-3, 1.0)
+        _check("levels", levels, 2, 32, integer=True)
+        _check("reg_start", reg_start, 1e-6, 1e6)
+        _check("reg_end", reg_end, 1e-6, 1e6)
+        if max_blur is None:
+            max_blur = 20.0 * input_size / 224
+        _check("max_blur", max_blur, 0.1, 1000.0)
+        if game not in GAMES:
+            raise ValueError(f"game must be one of {', '.join(GAMES)}, got {game!r}")
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+
+        self = cls()
+        self.started = started
+        self.iterations, self.param_size = int(iterations), int(param_size)
+        self.input_size, self.levels = int(input_size), int(levels)
+        self.sigma, self.temperature = float(sigma), float(temperature)
+        self.reg_start, self.reg_end = float(reg_start), float(reg_end)
+        self.game, self.score = game, score
+        self.areas = [float(a) for a in areas]
+        self.on_step = on_step or null_progress
+        self.settings = dict(
+            iterations=self.iterations, learning_rate=learning_rate, param_size=self.param_size,
+            input_size=self.input_size, sigma=sigma, temperature=temperature, max_blur=float(max_blur),
+            levels=self.levels, reg_start=reg_start, reg_end=reg_end, game=game, score=score,
+        )
+        classifier = Classifier.wrap(model)
+        self.device = device = classifier.device
+        x = prepare_image(image, self.input_size, device)  # (1, 3, S, S)
+        n = len(self.areas)
+        self.area_t = torch.tensor(self.areas, dtype=torch.float32, device=device)
+        with frozen(classifier.module), torch.no_grad():
+            self.pyramid = blur_pyramid(x, float(max_blur), self.levels)  # (1, L, 3, S, S)
+            self.probs = torch.softmax(_forward(classifier, x), dim=1)[0]
         if target is None:
-            target = int(probs.argmax())
+            target = int(self.probs.argmax())
         if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
             raise ValueError(f"target must be a class index (int) or None, got {target!r}")
-        if not 0 <= int(target) < probs.numel():
-            raise ValueError(f"target must be between 0 and {probs.numel() - 1}, got {target}")
-        target = int(target)
+        if not 0 <= int(target) < self.probs.numel():
+            raise ValueError(f"target must be between 0 and {self.probs.numel() - 1}, got {target}")
+        self.target = int(target)
+        self.label = classifier.label(self.target)
+        self.params = torch.full((n, 1, self.param_size, self.param_size), 0.5, device=device, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.params], lr=learning_rate)
+        self.history = torch.zeros(self.iterations, n, len(HISTORY_KEYS), device=device)
+        self.iteration = 0
+        self.cancelled = False
+        return self
 
-        params = torch.full((n, 1, param_size, param_size), 0.5, device=device, requires_grad=True)
-        optimizer = torch.optim.Adam([params], lr=learning_rate)
-        history = torch.zeros(iterations, n, len(HISTORY_KEYS), device=device)
+    @property
+    def done(self) -> bool:
+        return self.cancelled or self.iteration >= self.iterations
 
-        def perturb(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            mask = smooth_mask(p, input_size, sigma, temperature)
-            kept = mask if game == "preservation" else 1 - mask
-            return mask, pyramid_perturbation(pyramid, kept)
+    def perturb(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mask, perturbed)``: ``(N, 1, S, S)`` in [0, 1] and ``(N, 3, S, S)`` in [0, 1]."""
+        mask = smooth_mask(params, self.input_size, self.sigma, self.temperature)
+        kept = mask if self.game == "preservation" else 1 - mask
+        return mask, pyramid_perturbation(self.pyramid, kept)
 
-        def reward(logits: torch.Tensor) -> torch.Tensor:
-            if score == "logit":
-                return logits[:, target]
-            return torch.softmax(logits, dim=1)[:, target]
+    def reward(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.score == "logit":
+            return logits[:, self.target]
+        return torch.softmax(logits, dim=1)[:, self.target]
 
-        done, cancelled = 0, False
-        for t in range(iterations):
-            lam = regulariser_weight(t, iterations, reg_start, reg_end)
-            with torch.enable_grad():
-                mask, xp = perturb(params)
-                r = reward(_forward(classifier, xp))
-                reg = area_loss(mask, area_t)
-                total = -sign * r + lam * reg
-                total.sum().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                params.clamp_(0, 1)
-                row = torch.stack([total.detach(), r.detach(), reg.detach(), torch.full_like(reg, lam)], dim=1)
-                history[t] = row
-            done = t + 1
-            if on_step(done, iterations, _Losses(dict(zip(HISTORY_KEYS, row.mean(0).tolist())))):
-                cancelled = True
-                break
-
+    def step(self, model: Classifier | nn.Module) -> None:
+        """One Adam step on every area's parameters (one forward/backward batch)."""
+        if self.done:
+            return
+        classifier = Classifier.wrap(model)
+        sign = 1.0 if self.game == "preservation" else -1.0  # maximise (preserve) or minimise (delete)
+        t = self.iteration
+        lam = regulariser_weight(t, self.iterations, self.reg_start, self.reg_end)
+        with frozen(classifier.module), torch.enable_grad():
+            mask, xp = self.perturb(self.params)
+            r = self.reward(_forward(classifier, xp))
+            reg = area_loss(mask, self.area_t)
+            total = -sign * r + lam * reg
+            total.sum().backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            mask, xp = perturb(params)
-            logits = _forward(classifier, xp)
-            after = torch.softmax(logits, dim=1)[:, target]
+            self.params.clamp_(0, 1)
+            row = torch.stack([total.detach(), r.detach(), reg.detach(), torch.full_like(reg, lam)], dim=1)
+            self.history[t] = row
+        self.iteration = t + 1
+        if self.on_step(self.iteration, self.iterations, _Losses(dict(zip(HISTORY_KEYS, row.mean(0).tolist())))):
+            self.cancelled = True
 
-    elapsed = time.perf_counter() - started
-    hist = history[:done].permute(1, 2, 0).tolist()  # (N, keys, T)
-    perturbed = (xp.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().cpu().numpy()
-    results = []
-    for i, a in enumerate(areas):
-        m = mask[i, 0].float().cpu().numpy()
-        results.append(
-            ExtremalResult(
-                area=float(a),
-                mask=m,
-                params=params[i, 0].detach().float().cpu().numpy(),
-                perturbed=perturbed[i],
-                target=target,
-                label=classifier.label(target),
-                score_before=float(probs[target]),
-                score_after=float(after[i]),
-                logit_after=float(logits[i, target]),
-                area_achieved=float(m.mean()),
-                game=game,
-                history={k: hist[i][j] for j, k in enumerate(HISTORY_KEYS)},
-                elapsed_s=elapsed,
-                iterations_run=done,
-                cancelled=cancelled,
-                settings=settings,
+    @torch.no_grad()
+    def result(self, model: Classifier | nn.Module) -> list[ExtremalResult]:
+        """Score the final masks and package one :class:`ExtremalResult` per area."""
+        classifier = Classifier.wrap(model)
+        with frozen(classifier.module):
+            mask, xp = self.perturb(self.params)
+            logits = _forward(classifier, xp)
+            after = torch.softmax(logits, dim=1)[:, self.target]
+        elapsed = time.perf_counter() - self.started
+        done = self.iteration
+        hist = self.history[:done].permute(1, 2, 0).tolist()  # (N, keys, T)
+        perturbed = (xp.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().cpu().numpy()
+        results = []
+        for i, a in enumerate(self.areas):
+            m = mask[i, 0].float().cpu().numpy()
+            results.append(
+                ExtremalResult(
+                    area=a,
+                    mask=m,
+                    params=self.params[i, 0].detach().float().cpu().numpy(),
+                    perturbed=perturbed[i],
+                    target=self.target,
+                    label=self.label,
+                    score_before=float(self.probs[self.target]),
+                    score_after=float(after[i]),
+                    logit_after=float(logits[i, self.target]),
+                    area_achieved=float(m.mean()),
+                    game=self.game,
+                    history={k: hist[i][j] for j, k in enumerate(HISTORY_KEYS)},
+                    elapsed_s=elapsed,
+                    iterations_run=done,
+                    cancelled=self.cancelled,
+                    settings=dict(self.settings),
+                )
             )
-        )
-    return results
+        return results
