@@ -19,6 +19,13 @@ The engine is thread-based: Celery's ``threads`` pool runs one task per thread,
 each task calls :meth:`BatchEngine.submit` and waits on the returned future,
 while one engine thread runs the optimisation. Progress callbacks run on the
 engine thread, between steps.
+
+Extremal runs (``method: extremal``) join the same loop: each is stepped on
+its own (one batch of its areas) between the batched Meaningful Perturbation
+steps, so neither kind stalls the other. Anything else that must use the
+model alone (Grad-CAM registers hooks on it; the faithfulness curves score a
+batch of images) goes through :meth:`BatchEngine.call`, which runs a function
+on the engine thread between two steps.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import threading
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from shared.attribution.classifier import Classifier
 from shared.attribution.config import PerturbationConfig
@@ -81,6 +88,42 @@ class _Pending:
     future: Future
 
 
+def _create_run(classifier: Classifier, job: _Pending) -> Any:
+    """The run object of a job: a :class:`MaskOptimisation` or, for
+    ``method: extremal``, an ``ExtremalOptimisation``."""
+    if job.config.method == "extremal":
+        from shared.attribution.extremal import ExtremalOptimisation
+
+        run = ExtremalOptimisation.from_config(classifier, job.image, job.target, job.config, job.on_step)
+        run.config = job.config
+        return run
+    return MaskOptimisation.create(classifier, job.image, job.target, job.config, job.on_step)
+
+
+def _run_result(classifier: Classifier, run: Any) -> Explanation:
+    if isinstance(run, MaskOptimisation):
+        return run.result(classifier)
+    from shared.attribution.extremal import to_explanation
+
+    return to_explanation(run.result(classifier), run.config, classifier.name)
+
+
+def _group_key(run: Any) -> tuple:
+    """Runs stepped together: Meaningful Perturbation runs by (input size,
+    precision); every other run alone."""
+    if isinstance(run, MaskOptimisation):
+        return ("mp", run.config.input_size, run.config.precision)
+    return ("solo", id(run))
+
+
+def _step_group(classifier: Classifier, runs: list) -> None:
+    if isinstance(runs[0], MaskOptimisation):
+        step_batch(classifier, runs)
+    else:
+        for run in runs:
+            run.step(classifier)
+
+
 class BatchEngine:
     """Steps up to ``max_batch`` jobs together on ``classifier``'s device.
 
@@ -105,6 +148,7 @@ class BatchEngine:
         self.classifier = classifier
         self.max_batch = max_batch
         self._pending: deque[_Pending] = deque()
+        self._calls: deque[tuple[Callable[[Classifier], Any], Future]] = deque()
         self._active: list[tuple[MaskOptimisation, Future]] = []
         self._cond = threading.Condition()
         self._stopping = False
@@ -159,6 +203,24 @@ class BatchEngine:
         """Submit and wait: the drop-in replacement for a direct ``explain`` call."""
         return self.submit(image, target, config, on_step).result()
 
+    def call(self, fn: Callable[[Classifier], Any]) -> "Future[Any]":
+        """Run ``fn(classifier)`` on the engine thread, alone, between two steps.
+
+        For work that must not overlap the batched steps on the shared model
+        (Grad-CAM hooks its layers) or that should run on the model's device
+        in the worker's one stream of work (the faithfulness curves). Calls run
+        in the order given, before jobs waiting for a batch slot are admitted.
+        Returns a future with ``fn``'s result (or its exception).
+        """
+        future: Future = Future()
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("the batch engine is stopped")
+            self._calls.append((fn, future))
+            self._cond.notify_all()
+        self.start()
+        return future
+
     @property
     def active(self) -> int:
         return len(self._active)
@@ -175,7 +237,7 @@ class BatchEngine:
             if not job.future.set_running_or_notify_cancel():
                 continue
             try:
-                run = MaskOptimisation.create(self.classifier, job.image, job.target, job.config, job.on_step)
+                run = _create_run(self.classifier, job)
             except Exception as exc:  # bad job: fail it alone
                 job.future.set_exception(exc)
                 continue
@@ -188,28 +250,42 @@ class BatchEngine:
                 still.append((run, future))
                 continue
             try:
-                future.set_result(run.result(self.classifier))
+                future.set_result(_run_result(self.classifier, run))
             except Exception as exc:
                 future.set_exception(exc)
         self._active = still
 
+    def _run_calls(self) -> None:
+        while True:
+            with self._cond:
+                if not self._calls:
+                    return
+                fn, future = self._calls.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(self.classifier))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
+
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self._pending and not self._active:
+                while not self._stopping and not self._pending and not self._active and not self._calls:
                     self._cond.wait()
                 if self._stopping:
                     break
+            self._run_calls()
             self._admit()
             # One forward/backward per (input size, precision): a bf16 job must
             # not turn its fp32 batch-mates' steps into bf16 ones.
-            groups: dict[tuple[int, str], list[tuple[MaskOptimisation, Future]]] = {}
+            groups: dict[tuple, list[tuple[Any, Future]]] = {}
             for item in self._active:
-                groups.setdefault((item[0].config.input_size, item[0].config.precision), []).append(item)
+                groups.setdefault(_group_key(item[0]), []).append(item)
             for items in groups.values():
                 runs = [r for r, _ in items]
                 try:
-                    step_batch(self.classifier, runs)
+                    _step_group(self.classifier, runs)
                 except Exception as exc:  # e.g. out of memory: fail this group, keep serving
                     log.exception("batched step failed for %d job(s)", len(runs))
                     for run, future in items:
@@ -228,4 +304,8 @@ class BatchEngine:
             job = self._pending.popleft()
             if not job.future.done():
                 job.future.set_exception(error)
+        while self._calls:
+            _, future = self._calls.popleft()
+            if not future.done():
+                future.set_exception(error)
         self._active = []

@@ -5,6 +5,24 @@ so it can be tested directly. It is idempotent: a redelivered message for a
 finished, cancelled or (freshly) running job does nothing. Every write after
 the claim is conditional on the claimed attempt number, so a run that was
 superseded (the reaper re-queued it) cannot overwrite the newer one.
+
+A job explains one or more targets (``Job.targets``, or the ``Job.top_k``
+most probable classes, else ``target_index`` / the top-1) of one image with
+one method (``config.method``); all its masks join the worker's batch
+together. Right after the masks are done each is scored (deletion and
+insertion curves, RISE) together with Grad-CAM's map for the same class, on
+the worker's device. ``Job.results`` then holds one entry per target, the
+primary first::
+
+    {"target": {"index", "label"}, "method": "meaningful_perturbation" | "extremal",
+     "scores": {"before", "after"}, "top5": {"before": [...], "after": [...]},
+     "metrics": {"deletion_auc", "insertion_auc", "seconds",
+                 "curves": {"fraction": [...], "deletion": [...], "insertion": [...]}} | null,
+     "gradcam": {same keys as metrics} | null,
+     "areas": [{"area", "area_achieved", "score_after"}, ...] | null}   # extremal only
+
+and the artifacts of target k >= 1 are written to ``results/<k>/`` of the
+job's folder (target 0's at its top), all in one atomic rename.
 """
 
 from __future__ import annotations
@@ -71,6 +89,9 @@ class Claim:
     queued_s: float | None
     #: ``time.perf_counter()`` when the job was claimed (the ``queued_s`` instant).
     claimed_perf: float | None = None
+    #: Several targets: the class indices asked for, or the k most probable.
+    targets: tuple[int, ...] | None = None
+    top_k: int | None = None
 
 
 def _write(session: Session, fn: Callable[[], Any], attempts: int = 8) -> Any:
@@ -141,6 +162,8 @@ def _claim(session: Session, job_id: uuid.UUID, runtime, hostname: str) -> Claim
         progress_floor=job.progress_iteration or 0,
         queued_s=(now - as_utc(job.created_at)).total_seconds() if job.created_at else None,
         claimed_perf=now_perf,
+        targets=tuple(int(t) for t in job.targets) if isinstance(job.targets, list) and job.targets else None,
+        top_k=int(job.top_k) if job.top_k else None,
     )
 
 
@@ -207,6 +230,32 @@ class ProgressReporter:
         if self.stopping.is_set():
             return True
         return None
+
+
+class TargetsProgress:
+    """One ``on_step`` callback per target of a job, reporting their sum.
+
+    The job's progress is the iterations done over all its targets (a top-3
+    job of 500 iterations counts to 1500); once the reporter sees a cancel,
+    a superseded run or a stopping worker, every target stops at its next step.
+    """
+
+    def __init__(self, reporter: ProgressReporter, totals: list[int]):
+        self.reporter = reporter
+        self.done = [0] * len(totals)
+        self.totals = list(totals)
+
+    def stop_all(self) -> bool:
+        r = self.reporter
+        return r.cancel_requested or r.superseded or r.stopping.is_set()
+
+    def callback(self, index: int) -> Callable[[int, int, Mapping[str, float]], bool | None]:
+        def on_step(iteration: int, total: int, losses: Mapping[str, float]) -> bool | None:
+            self.done[index], self.totals[index] = iteration, total
+            stop = self.reporter(sum(self.done), sum(self.totals), losses)
+            return True if stop or self.stop_all() else None
+
+        return on_step
 
 
 def _finish(session: Session, claim: Claim, **values: Any) -> bool:
@@ -310,27 +359,84 @@ def run_job(job_id: str | uuid.UUID, runtime, hostname: str | None = None,
         session.close()
 
 
+def _targets(claim: Claim, runtime, pixels, config) -> list[int | None]:
+    """The classes this job explains, the primary first."""
+    if claim.targets:
+        return list(claim.targets)
+    if claim.top_k and claim.top_k > 1:
+        from shared.attribution.evaluation import top_classes
+
+        try:
+            return runtime.exclusive(lambda clf: top_classes(clf, pixels, claim.top_k, config.input_size))
+        except ValueError as error:
+            raise JobError(f"invalid top_k: {error}") from None
+    return [claim.target_index]
+
+
+def _scores_json(scores) -> dict[str, Any] | None:
+    if scores is None:
+        return None
+    data = scores.to_json()
+    data.pop("target", None)
+    return data
+
+
+def _result_entry(explanation, evaluation) -> dict[str, Any]:
+    """One target's entry of ``Job.results`` (JSON; layout in the module docstring)."""
+    areas = getattr(explanation, "area_summary", None)
+    return {
+        "target": {"index": explanation.target, "label": explanation.label[:200]},
+        "method": explanation.config.method,
+        "scores": {"before": explanation.score_before, "after": explanation.score_after},
+        "top5": {"before": explanation.top5_before, "after": explanation.top5_after},
+        "metrics": _scores_json(evaluation.metrics) if evaluation is not None else None,
+        "gradcam": (
+            {**_scores_json(evaluation.gradcam), "seconds": evaluation.gradcam_s}
+            if evaluation is not None and evaluation.gradcam is not None else None
+        ),
+        "areas": areas() if callable(areas) else None,
+    }
+
+
+def _evaluate(runtime, pixels, explanation):
+    """Faithfulness of ``explanation`` and of Grad-CAM, on the model's device;
+    ``None`` (logged) if scoring fails: the mask is still worth keeping."""
+    from shared.attribution.evaluation import evaluate
+
+    try:
+        return runtime.exclusive(lambda clf: evaluate(clf, pixels, explanation, gradcam=runtime.gradcam))
+    except Exception:  # noqa: BLE001 - a scoring bug must not lose the mask
+        log.exception("faithfulness scoring failed for target %s", explanation.target)
+        return None
+
+
 def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
     started = time.perf_counter()
     decoded = _decode(runtime, claim)
     config = _config(claim)
     reporter = ProgressReporter(session, claim, runtime.stopping)
+    targets = _targets(claim, runtime, decoded.pixels, config)
+    progress = TargetsProgress(reporter, [config.iterations] * len(targets))
     optimising = time.perf_counter()
-    explanation = runtime.optimise(decoded.pixels, claim.target_index, config, on_step=reporter)
+    explanations = runtime.optimise_many(
+        decoded.pixels, targets, config, [progress.callback(i) for i in range(len(targets))]
+    )
     returned = time.perf_counter()
     if reporter.superseded:
         raise Superseded()
+    explanation = explanations[0]
     timings: dict[str, Any] = {
         "seconds": explanation.elapsed_s,
-        "iterations_run": explanation.iterations_run,
+        "iterations_run": sum(e.iterations_run for e in explanations),
         **{k: float(v) for k, v in (explanation.timings or {}).items()},
     }
     if claim.queued_s is not None:
         timings["queued_s"] = max(0.0, claim.queued_s)
     timings.update(_start_timings(claim, optimising, returned, explanation))
     common = dict(target_index=explanation.target, target_label=explanation.label[:200])
+    cancelled = any(e.cancelled for e in explanations)
 
-    if explanation.cancelled and not reporter.cancel_requested:
+    if cancelled and not reporter.cancel_requested:
         # The worker is stopping: hand the job back to the queue.
         if not _finish(session, claim, status=JobStatus.QUEUED.value, finished_at=None, enqueued_at=utcnow()):
             raise Superseded()
@@ -338,35 +444,53 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
             requeue(claim.job_id, runtime.model_name)
         log.info("job %s: re-queued (worker shutting down)", claim.job_id)
         return "requeued"
-    if explanation.cancelled:
+    if cancelled:
         timings["total_s"] = time.perf_counter() - started
         if not _finish(session, claim, status=JobStatus.CANCELLED.value, timings=timings, **common):
             raise Superseded()
-        log.info("job %s cancelled after %d iterations", claim.job_id, explanation.iterations_run)
+        log.info("job %s cancelled after %d iterations", claim.job_id, timings["iterations_run"])
         return "cancelled"
+
+    # Faithfulness of every mask (and of Grad-CAM), right after the masks.
+    scoring = time.perf_counter()
+    evaluations = [_evaluate(runtime, decoded.pixels, e) for e in explanations]
+    found = [ev for ev in evaluations if ev is not None]
+    timings["metrics_s"] = sum(ev.metrics.seconds for ev in found)
+    timings["gradcam_s"] = sum(ev.gradcam_s for ev in found)
+    timings["scoring_s"] = time.perf_counter() - scoring
+    results = [_result_entry(e, ev) for e, ev in zip(explanations, evaluations)]
 
     from shared.imaging.render import save_artifacts
 
+    def extras(e, ev) -> dict[str, Any]:
+        return {"gradcam": ev.gradcam_saliency if ev is not None else None,
+                "area_masks": getattr(e, "area_masks", None)}
+
     saving = time.perf_counter()
-    save_artifacts(runtime.storage.job_dir(claim.job_id), decoded.pixels, explanation)
+    save_artifacts(
+        runtime.storage.job_dir(claim.job_id), decoded.pixels, explanation,
+        **extras(explanation, evaluations[0]),
+        results=[{"explanation": e, **extras(e, ev)} for e, ev in zip(explanations[1:], evaluations[1:])],
+    )
     timings["save_s"] = time.perf_counter() - saving
     timings["total_s"] = time.perf_counter() - started
     ok = _finish(
         session,
         claim,
         status=JobStatus.SUCCEEDED.value,
-        progress_iteration=max(explanation.iterations_run, claim.progress_floor),
-        progress_total=config.iterations,
+        progress_iteration=max(timings["iterations_run"], claim.progress_floor),
+        progress_total=config.iterations * len(explanations),
         current_score=explanation.score_after,
         score_before=explanation.score_before,
         score_after=explanation.score_after,
         top5={"before": explanation.top5_before, "after": explanation.top5_after},
         timings=timings,
+        results=results,
         error=None,
         **common,
     )
     if not ok:
         raise Superseded()
-    log.info("job %s succeeded in %.1f s (score %.3f -> %.3f)", claim.job_id, timings["total_s"],
-             explanation.score_before, explanation.score_after)
+    log.info("job %s succeeded in %.1f s (%d target(s), score %.3f -> %.3f)", claim.job_id,
+             timings["total_s"], len(explanations), explanation.score_before, explanation.score_after)
     return "succeeded"

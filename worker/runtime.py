@@ -15,6 +15,8 @@ Environment (besides :mod:`shared.settings`):
     ``EBB_HEARTBEAT_TIMEOUT``: seconds without heartbeat before the reaper
         considers a running job lost (default 120).
     ``EBB_MAX_ATTEMPTS``: deliveries of one job before it fails (default 3).
+    ``EBB_GRADCAM``: ``1`` (default) to compute the Grad-CAM baseline and its
+        faithfulness scores on every job, ``0`` to skip it.
 """
 
 from __future__ import annotations
@@ -65,6 +67,17 @@ def heartbeat_timeout_s(environ: Mapping[str, str] | None = None) -> float:
 def max_attempts(environ: Mapping[str, str] | None = None) -> int:
     """``EBB_MAX_ATTEMPTS``, default 3."""
     return int(_env_float(os.environ if environ is None else environ, "EBB_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS))
+
+
+def gradcam_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """``EBB_GRADCAM``: ``1``/``true``/``yes``/``on`` (default) or ``0``/``false``/``no``/``off``."""
+    env = os.environ if environ is None else environ
+    raw = str(env.get("EBB_GRADCAM") or "1").strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"EBB_GRADCAM must be 1 or 0, got {raw!r}")
 
 
 def choose_device(environ: Mapping[str, str] | None = None) -> str:
@@ -130,6 +143,8 @@ class Runtime:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     stopping: threading.Event = field(default_factory=threading.Event)
     engine: "BatchEngine | None" = None
+    #: Compute the Grad-CAM baseline next to every mask (``EBB_GRADCAM``).
+    gradcam: bool = True
 
     @property
     def database_url(self) -> str:
@@ -148,11 +163,48 @@ class Runtime:
         joins the continuous batch of every job this worker runs and this call
         blocks until it is done; ``on_step`` runs on the engine thread.
         """
-        if self.engine is not None:
-            return self.engine.explain(pixels, target, config, on_step)
-        from shared.attribution.perturbation import explain
+        return self.optimise_many(pixels, [target], config, [on_step])[0]
 
-        return explain(self.classifier, pixels, target=target, config=config, on_step=on_step)
+    def optimise_many(
+        self,
+        pixels: "np.ndarray",
+        targets: "list[int | None]",
+        config: "PerturbationConfig",
+        on_steps: "list[Callable[[int, int, Mapping[str, float]], Any] | None]",
+    ) -> "list[Explanation]":
+        """One explanation per target of the same image, optimised together.
+
+        With the engine every target joins the batch at once (a top-3 job is
+        three masks in one forward/backward per step); without it they run
+        one after the other. ``config.method`` picks Meaningful Perturbation
+        or extremal perturbations (an ``ExtremalExplanation``).
+        """
+        if len(targets) != len(on_steps):
+            raise ValueError("targets and on_steps must have the same length")
+        if self.engine is not None:
+            futures = [self.engine.submit(pixels, t, config, cb) for t, cb in zip(targets, on_steps)]
+            return [f.result() for f in futures]
+        out = []
+        for target, on_step in zip(targets, on_steps):
+            if config.method == "extremal":
+                from shared.attribution.extremal import ExtremalOptimisation, to_explanation
+
+                run = ExtremalOptimisation.from_config(self.classifier, pixels, target, config, on_step)
+                while not run.done:
+                    run.step(self.classifier)
+                out.append(to_explanation(run.result(self.classifier), config, self.classifier.name))
+            else:
+                from shared.attribution.perturbation import explain
+
+                out.append(explain(self.classifier, pixels, target=target, config=config, on_step=on_step))
+        return out
+
+    def exclusive(self, fn: "Callable[[Classifier], Any]") -> Any:
+        """``fn(classifier)`` with the model to itself (on the engine thread
+        between two steps when there is an engine); returns its result."""
+        if self.engine is not None:
+            return self.engine.call(fn).result()
+        return fn(self.classifier)
 
 
 _runtime: Runtime | None = None
@@ -199,6 +251,7 @@ def load_runtime(settings: settings_mod.Settings | None = None, environ: Mapping
             hostname=worker_hostname(settings.model, device, env),
             heartbeat_timeout_s=heartbeat_timeout_s(env),
             max_attempts=max_attempts(env),
+            gradcam=gradcam_enabled(env),
             engine=BatchEngine(classifier, max_batch=default_concurrency(settings, device)).start(),
         )
         log.info("model %s ready on %s in %.1f s", settings.model, device, time.perf_counter() - started)

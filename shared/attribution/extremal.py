@@ -46,11 +46,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .classifier import Classifier
-from .perturbation import OnStep, frozen, gaussian_blur, null_progress, prepare_image
+from .config import PerturbationConfig
+from .perturbation import Explanation, OnStep, _top5, frozen, gaussian_blur, null_progress, prepare_image
 
 __all__ = [
+    "ExtremalExplanation",
     "ExtremalOptimisation",
     "ExtremalResult",
+    "to_explanation",
     "area_loss",
     "blur_pyramid",
     "extremal",
@@ -236,6 +239,9 @@ class ExtremalResult:
     iterations_run: int
     cancelled: bool = False
     settings: dict[str, Any] = field(default_factory=dict)
+    #: ``[{"index", "label", "prob"}, ...]`` on the input and on this area's perturbation.
+    top5_before: list[dict[str, Any]] = field(default_factory=list)
+    top5_after: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def saliency(self) -> np.ndarray:
@@ -449,6 +455,26 @@ class ExtremalOptimisation:
         self.cancelled = False
         return self
 
+    @classmethod
+    def from_config(
+        cls,
+        model: Classifier | nn.Module,
+        image: Any,
+        target: int | None,
+        config: PerturbationConfig,
+        on_step: OnStep | None = None,
+    ) -> "ExtremalOptimisation":
+        """A run with a job's settings: ``areas``, ``iterations``,
+        ``learning_rate``, ``mask_size`` (the parameter grid), ``input_size``
+        and ``game``; the paper's defaults for the rest."""
+        if not isinstance(config, PerturbationConfig):
+            raise ValueError(f"config must be a PerturbationConfig, got {type(config).__name__}")
+        return cls.create(
+            model, image, target, config.areas, iterations=config.iterations,
+            learning_rate=config.learning_rate, param_size=config.mask_size,
+            input_size=config.input_size, game=config.game, on_step=on_step,
+        )
+
     @property
     def done(self) -> bool:
         return self.cancelled or self.iteration >= self.iterations
@@ -495,7 +521,9 @@ class ExtremalOptimisation:
         with frozen(classifier.module):
             mask, xp = self.perturb(self.params)
             logits = _forward(classifier, xp)
-            after = torch.softmax(logits, dim=1)[:, self.target]
+            probs_after = torch.softmax(logits, dim=1)
+            after = probs_after[:, self.target]
+        top5_before = _top5(self.probs, classifier)
         elapsed = time.perf_counter() - self.started
         done = self.iteration
         hist = self.history[:done].permute(1, 2, 0).tolist()  # (N, keys, T)
@@ -521,6 +549,75 @@ class ExtremalOptimisation:
                     iterations_run=done,
                     cancelled=self.cancelled,
                     settings=dict(self.settings),
+                    top5_before=top5_before,
+                    top5_after=_top5(probs_after[i], classifier),
                 )
             )
         return results
+
+
+# --------------------------------------------------------------------------- as a job result
+
+
+@dataclass
+class ExtremalExplanation(Explanation):
+    """An extremal run packaged like a Meaningful Perturbation :class:`Explanation`.
+
+    ``mask`` and ``mask_upsampled`` are the mean of the area masks (``(S, S)``,
+    high = important, as :attr:`saliency`); ``perturbed``, ``score_after`` and
+    ``top5_after`` are those of the largest area; :attr:`areas` keeps every
+    area's result.
+    """
+
+    areas: list[ExtremalResult] = field(default_factory=list)
+
+    @property
+    def saliency(self) -> np.ndarray:
+        """``(S, S)`` float32 in [0, 1], high = important: the mean area mask."""
+        return self.mask_upsampled.copy()
+
+    @property
+    def area_masks(self) -> list[np.ndarray]:
+        """One ``(S, S)`` float32 mask in [0, 1] per area, in the order asked."""
+        return [r.mask for r in self.areas]
+
+    def area_summary(self) -> list[dict[str, float]]:
+        """``[{"area", "area_achieved", "score_after"}, ...]``, one per area."""
+        return [{"area": r.area, "area_achieved": r.area_achieved, "score_after": r.score_after}
+                for r in self.areas]
+
+    def to_json(self) -> dict[str, Any]:
+        data = super().to_json()
+        data["method"] = "extremal"
+        data["areas"] = self.area_summary()
+        return data
+
+
+def to_explanation(results: Sequence[ExtremalResult], config: PerturbationConfig,
+                   model: str = "model") -> ExtremalExplanation:
+    """Package the results of one extremal run (all its areas) as one explanation."""
+    if not results:
+        raise ValueError("results must hold at least one ExtremalResult")
+    largest = max(results, key=lambda r: r.area)
+    mean = np.mean([r.mask for r in results], axis=0).astype(np.float32)
+    history = {k: [float(np.mean(v)) for v in zip(*(r.history[k] for r in results))] for k in HISTORY_KEYS}
+    first = results[0]
+    return ExtremalExplanation(
+        mask=mean,
+        mask_upsampled=mean,
+        perturbed=largest.perturbed,
+        target=first.target,
+        label=first.label,
+        score_before=first.score_before,
+        score_after=largest.score_after,
+        top5_before=first.top5_before,
+        top5_after=largest.top5_after,
+        history=history,
+        elapsed_s=first.elapsed_s,
+        iterations_run=first.iterations_run,
+        cancelled=first.cancelled,
+        config=config,
+        model=model,
+        timings={},
+        areas=list(results),
+    )

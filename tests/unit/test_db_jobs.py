@@ -121,17 +121,19 @@ def test_cancel_requested_before_start(runtime):
 def test_cancel_while_running(runtime, monkeypatch):
     monkeypatch.setattr(jobs, "PROGRESS_INTERVAL_S", 0.0)
     job_id = add_job(runtime, config=CONFIG.replace(iterations=200))
-    original = runtime.optimise
+    original = runtime.optimise_many
 
-    def optimise(pixels, target, config, on_step=None):
+    def optimise(pixels, targets, config, on_steps):
+        on_step = on_steps[0]
+
         def step(iteration, total, losses):
             if iteration == 3:
                 set_values(runtime, job_id, cancel_requested=True)
             return on_step(iteration, total, losses)
 
-        return original(pixels, target, config, on_step=step)
+        return original(pixels, targets, config, [step])
 
-    runtime.optimise = optimise
+    runtime.optimise_many = optimise
     assert run_job(job_id, runtime) == "cancelled"
     job = get(runtime, job_id)
     assert job.status == "cancelled" and job.progress_iteration == 3
@@ -163,7 +165,7 @@ def test_unexpected_exception_fails_with_one_line_and_no_traceback(runtime):
     def boom(*args, **kwargs):
         raise RuntimeError("CUDA error: out of memory\nline two")
 
-    runtime.optimise = boom
+    runtime.optimise_many = boom
     job_id = add_job(runtime)
     assert run_job(job_id, runtime) == "failed"
     error = get(runtime, job_id).error
@@ -193,17 +195,19 @@ def test_stale_running_job_is_taken_over_and_progress_never_goes_back(runtime):
     job_id = add_job(runtime, status="running", attempts=1, started_at=old, heartbeat_at=old,
                      progress_iteration=4)
     seen = []
-    original = runtime.optimise
+    original = runtime.optimise_many
 
-    def optimise(pixels, target, config, on_step=None):
+    def optimise(pixels, targets, config, on_steps):
+        on_step = on_steps[0]
+
         def step(iteration, total, losses):
             result = on_step(iteration, total, losses)
             seen.append(get(runtime, job_id).progress_iteration)
             return result
 
-        return original(pixels, target, config, on_step=step)
+        return original(pixels, targets, config, [step])
 
-    runtime.optimise = optimise
+    runtime.optimise_many = optimise
     assert run_job(job_id, runtime) == "succeeded"
     assert min(seen) >= 4 and seen == sorted(seen)
     assert get(runtime, job_id).attempts == 2
@@ -220,17 +224,19 @@ def test_attempts_exhausted(runtime):
 def test_superseded_run_does_not_overwrite_the_new_one(runtime, monkeypatch):
     monkeypatch.setattr(jobs, "PROGRESS_INTERVAL_S", 0.0)
     job_id = add_job(runtime, config=CONFIG.replace(iterations=50))
-    original = runtime.optimise
+    original = runtime.optimise_many
 
-    def optimise(pixels, target, config, on_step=None):
+    def optimise(pixels, targets, config, on_steps):
+        on_step = on_steps[0]
+
         def step(iteration, total, losses):
             if iteration == 2:  # the reaper gave the job to another attempt meanwhile
                 set_values(runtime, job_id, attempts=2, heartbeat_at=utcnow())
             return on_step(iteration, total, losses)
 
-        return original(pixels, target, config, on_step=step)
+        return original(pixels, targets, config, [step])
 
-    runtime.optimise = optimise
+    runtime.optimise_many = optimise
     assert run_job(job_id, runtime) == "superseded"
     job = get(runtime, job_id)
     assert job.status == "running" and job.attempts == 2 and job.score_after is None
@@ -239,18 +245,20 @@ def test_superseded_run_does_not_overwrite_the_new_one(runtime, monkeypatch):
 def test_worker_shutdown_requeues_the_running_job(runtime, monkeypatch):
     monkeypatch.setattr(jobs, "PROGRESS_INTERVAL_S", 0.0)
     job_id = add_job(runtime, config=CONFIG.replace(iterations=100))
-    original = runtime.optimise
+    original = runtime.optimise_many
     requeued = []
 
-    def optimise(pixels, target, config, on_step=None):
+    def optimise(pixels, targets, config, on_steps):
+        on_step = on_steps[0]
+
         def step(iteration, total, losses):
             if iteration == 2:
                 runtime.stopping.set()
             return on_step(iteration, total, losses)
 
-        return original(pixels, target, config, on_step=step)
+        return original(pixels, targets, config, [step])
 
-    runtime.optimise = optimise
+    runtime.optimise_many = optimise
     assert run_job(job_id, runtime, requeue=lambda jid, model: requeued.append((jid, model))) == "requeued"
     assert requeued == [(job_id, "tiny")]
     job = get(runtime, job_id)
@@ -284,3 +292,133 @@ def test_message_received_while_stopping_is_handed_back_untouched(runtime, monke
     assert requeued == [job_id]
     job = get(runtime, job_id)
     assert job.status == "queued" and job.attempts == 0
+
+
+# --------------------------------------------------------------------------- faithfulness, several targets
+
+
+def _decoded(runtime, job_id):
+    from shared.imaging.decode import decode_image
+
+    return decode_image(runtime.storage.read_upload(get(runtime, job_id).image_sha256)).pixels
+
+
+def test_every_job_gets_deletion_insertion_scores_and_the_gradcam_baseline(runtime):
+    from shared.attribution.gradcam import gradcam_saliency
+    from shared.attribution.metrics import deletion_insertion
+    from shared.attribution.perturbation import upsample_mask
+    import torch
+
+    job_id = add_job(runtime)
+    assert run_job(job_id, runtime) == "succeeded"
+    job = get(runtime, job_id)
+    assert len(job.results) == 1
+    entry = job.results[0]
+    assert entry["target"] == {"index": job.target_index, "label": job.target_label}
+    assert entry["method"] == "meaningful_perturbation" and entry["areas"] is None
+    assert entry["scores"] == {"before": job.score_before, "after": job.score_after}
+    metrics = entry["metrics"]
+    assert set(metrics) == {"deletion_auc", "insertion_auc", "curves", "seconds"}
+    curves = metrics["curves"]
+    assert len(curves["fraction"]) == len(curves["deletion"]) == len(curves["insertion"]) == 64 // 8 + 1
+    # the stored score is the one of the saved mask (recomputed independently)
+    pixels = _decoded(runtime, job_id)
+    mask = torch.from_numpy(np.load(runtime.storage.artifact_path(job_id, "mask_npy")))[None, None]
+    saliency = 1 - upsample_mask(mask, CONFIG.input_size)[0, 0].numpy()
+    again = deletion_insertion(runtime.classifier, pixels, saliency, job.target_index, input_size=CONFIG.input_size)
+    assert metrics["deletion_auc"] == pytest.approx(again.deletion_auc, abs=1e-6)
+    assert metrics["insertion_auc"] == pytest.approx(again.insertion_auc, abs=1e-6)
+    # Grad-CAM: its map is saved and its scores are its own
+    cam = np.load(runtime.storage.job_dir(job_id) / "gradcam.npy")
+    np.testing.assert_allclose(cam, gradcam_saliency(runtime.classifier, pixels, job.target_index, input_size=64),
+                               atol=1e-5)
+    base = entry["gradcam"]
+    assert set(base) == {"deletion_auc", "insertion_auc", "curves", "seconds"}
+    direct = deletion_insertion(runtime.classifier, pixels, cam, job.target_index, input_size=CONFIG.input_size)
+    assert base["deletion_auc"] == pytest.approx(direct.deletion_auc, abs=1e-6)
+    assert (runtime.storage.job_dir(job_id) / "gradcam.png").is_file()
+    assert job.timings["metrics_s"] > 0 and job.timings["gradcam_s"] > 0
+
+
+def test_top_k_explains_the_k_most_probable_classes_side_by_side(runtime):
+    from shared.attribution.evaluation import top_classes
+
+    job_id = add_job(runtime, top_k=3)
+    assert run_job(job_id, runtime) == "succeeded"
+    job = get(runtime, job_id)
+    expected = top_classes(runtime.classifier, _decoded(runtime, job_id), 3, CONFIG.input_size)
+    assert [r["target"]["index"] for r in job.results] == expected
+    assert job.target_index == expected[0]
+    assert job.progress_iteration == job.progress_total == 3 * CONFIG.iterations
+    folder = runtime.storage.job_dir(job_id)
+    for k in (1, 2):
+        sub = folder / "results" / str(k)
+        assert {p.name for p in sub.iterdir()} >= set(ARTIFACT_NAMES.values()) | {"gradcam.png", "gradcam.npy"}
+        saved = __import__("json").loads((sub / "result.json").read_text())
+        assert saved["target"]["index"] == expected[k]
+    assert all(r["metrics"] is not None for r in job.results)
+
+
+def test_explicit_targets_in_the_order_given(runtime):
+    job_id = add_job(runtime, targets=[7, 2], target_index=7)
+    assert run_job(job_id, runtime) == "succeeded"
+    job = get(runtime, job_id)
+    assert [r["target"]["index"] for r in job.results] == [7, 2]
+    assert job.target_index == 7 and job.target_label == "c7"
+
+
+def test_extremal_job_stores_one_mask_per_area(runtime):
+    config = CONFIG.replace(method="extremal", game="preservation", areas=(0.1, 0.3))
+    job_id = add_job(runtime, config=config)
+    assert run_job(job_id, runtime) == "succeeded"
+    job = get(runtime, job_id)
+    entry = job.results[0]
+    assert entry["method"] == "extremal"
+    assert [a["area"] for a in entry["areas"]] == [0.1, 0.3]
+    assert all(0 <= a["area_achieved"] <= 1 and 0 <= a["score_after"] <= 1 for a in entry["areas"])
+    assert entry["metrics"] is not None and entry["gradcam"] is not None
+    assert (runtime.storage.job_dir(job_id) / "areas.png").is_file()
+
+
+def test_gradcam_can_be_switched_off(runtime):
+    runtime.gradcam = False
+    job_id = add_job(runtime)
+    assert run_job(job_id, runtime) == "succeeded"
+    job = get(runtime, job_id)
+    assert job.results[0]["gradcam"] is None and job.results[0]["metrics"] is not None
+    assert not (runtime.storage.job_dir(job_id) / "gradcam.png").exists()
+
+
+def test_a_scoring_failure_keeps_the_mask(runtime, monkeypatch):
+    import shared.attribution.evaluation as evaluation
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("scoring bug")
+
+    monkeypatch.setattr(evaluation, "evaluate", broken)
+    job_id = add_job(runtime)
+    assert run_job(job_id, runtime) == "succeeded"
+    job = get(runtime, job_id)
+    assert job.results[0]["metrics"] is None and job.results[0]["gradcam"] is None
+    assert runtime.storage.artifact_path(job_id, "overlay_png").is_file()
+
+
+def test_cancel_stops_every_target(runtime, monkeypatch):
+    monkeypatch.setattr(jobs, "PROGRESS_INTERVAL_S", 0.0)
+    job_id = add_job(runtime, config=CONFIG.replace(iterations=200), top_k=2)
+    original = runtime.optimise_many
+
+    def optimise(pixels, targets, config, on_steps):
+        def wrap(on_step):
+            def step(iteration, total, losses):
+                if iteration == 3:
+                    set_values(runtime, job_id, cancel_requested=True)
+                return on_step(iteration, total, losses)
+            return step
+        return original(pixels, targets, config, [wrap(cb) for cb in on_steps])
+
+    runtime.optimise_many = optimise
+    assert run_job(job_id, runtime) == "cancelled"
+    job = get(runtime, job_id)
+    assert job.status == "cancelled" and job.timings["iterations_run"] < 20
+    assert not runtime.storage.job_dir(job_id).exists()

@@ -82,3 +82,48 @@ def test_bad_max_batch(tiny):
     with pytest.raises(ValueError, match="max_batch"):
         BatchEngine(tiny, max_batch=0)
     assert default_max_batch("cpu") == 4
+
+
+def test_extremal_jobs_interleave_with_batched_ones_and_equal_solo_runs(engine, tiny, cfg, images):
+    from shared.attribution.extremal import extremal
+
+    ext = cfg.replace(method="extremal", game="preservation", areas=(0.1, 0.3), iterations=8)
+    mp = engine.submit(images[0], 1, cfg)
+    ex = engine.submit(images[1], 2, ext)
+    got = ex.result(timeout=60)
+    alone = extremal(tiny, images[1], 2, (0.1, 0.3), iterations=8, param_size=cfg.mask_size,
+                     input_size=cfg.input_size, game="preservation")
+    assert [a.area for a in got.areas] == [0.1, 0.3]
+    for g, a in zip(got.areas, alone):
+        np.testing.assert_allclose(g.mask, a.mask, atol=1e-6)
+    np.testing.assert_allclose(got.saliency, (alone[0].mask + alone[1].mask) / 2, atol=1e-6)
+    assert got.config.method == "extremal" and got.iterations_run == 8
+    np.testing.assert_allclose(mp.result(timeout=60).mask, explain(tiny, images[0], 1, cfg).mask, atol=1e-5)
+
+
+def test_call_runs_alone_on_the_engine_thread(engine, tiny, cfg, images):
+    seen = []
+    started = threading.Event()
+
+    def on_step(it, total, losses):
+        seen.append(("step", threading.current_thread().name))
+        started.set()
+
+    job = engine.submit(images[0], 1, cfg.replace(iterations=30), on_step=on_step)
+    started.wait(10)
+    result = engine.call(lambda clf: (seen.append(("call", threading.current_thread().name)), clf)[1])
+    assert result.result(timeout=60) is tiny
+    job.result(timeout=60)
+    assert {name for _, name in seen} == {"ebb-batch-engine"}
+    kinds = [k for k, _ in seen]
+    # the call ran between two steps of the running job
+    assert 0 < kinds.index("call") < len(kinds) - 1
+
+
+def test_call_exceptions_reach_the_caller(engine):
+    def boom(_clf):
+        raise ValueError("no good")
+
+    with pytest.raises(ValueError, match="no good"):
+        engine.call(boom).result(timeout=30)
+    assert engine.call(lambda clf: 42).result(timeout=30) == 42  # the engine carries on
