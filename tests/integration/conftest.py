@@ -291,7 +291,7 @@ class Stack:
         return create_celery_app(environ=self.env)
 
     def submit(self, image: bytes, config: dict[str, Any] | None = None, target: int | None = None,
-               model: str = TEST_MODEL, send: bool = True) -> uuid.UUID:
+               model: str = TEST_MODEL, send: bool = True, **columns: Any) -> uuid.UUID:
         """Insert a queued job and send its task by name, as the web does."""
         from shared.attribution.config import PerturbationConfig
         from shared.db.models import Job, JobStatus, utcnow
@@ -306,7 +306,7 @@ class Stack:
                 id=job_id, status=JobStatus.QUEUED.value, model=model, target_index=target,
                 config=cfg.to_dict(), image_sha256=sha, image_width=1, image_height=1,
                 image_filename="test.png", progress_iteration=0, progress_total=cfg.iterations,
-                created_at=utcnow(),
+                created_at=utcnow(), **columns,
             ))
         if send:
             self.celery().send_task(TASK_EXPLAIN, args=[str(job_id)],

@@ -113,3 +113,37 @@ def test_redelivered_finished_job_is_not_rerun(stack, image_bytes):
     assert later.status == "succeeded"
     again = stack.job(job_id)
     assert again.attempts == 1 and again.finished_at == first.finished_at
+
+
+def test_top_k_job_scores_every_mask_against_gradcam(stack, image_bytes):
+    """Two targets in one job on the real worker: both masks batched, each
+    scored (deletion/insertion) next to its Grad-CAM baseline."""
+    job_id = stack.submit(image_bytes, top_k=2)
+    job = stack.wait(job_id)
+    assert job.status == "succeeded", job.error
+    assert len(job.results) == 2
+    first, second = job.results
+    assert first["target"]["index"] == job.target_index == job.top5["before"][0]["index"]
+    assert second["target"]["index"] == job.top5["before"][1]["index"]
+    for entry in job.results:
+        for scores in (entry["metrics"], entry["gradcam"]):
+            assert 0.0 <= scores["deletion_auc"] <= 1.0 and 0.0 <= scores["insertion_auc"] <= 1.0
+            assert len(scores["curves"]["deletion"]) == 96 // 8 + 1  # steps of 8 rows + the start
+    assert job.progress_iteration == job.progress_total == 24
+    assert job.timings["metrics_s"] > 0 and job.timings["gradcam_s"] > 0
+    folder = stack.storage.job_dir(job_id)
+    for sub in (folder, folder / "results" / "1"):
+        for name in ("overlay.png", "gradcam.png", "mask.npy", "result.json"):
+            assert (sub / name).is_file(), sub / name
+
+
+def test_extremal_job_on_the_real_worker(stack, image_bytes):
+    job_id = stack.submit(image_bytes, config={"method": "extremal", "game": "preservation",
+                                               "areas": [0.05, 0.2], "mask_size": 28})
+    job = stack.wait(job_id)
+    assert job.status == "succeeded", job.error
+    entry = job.results[0]
+    assert entry["method"] == "extremal"
+    assert [a["area"] for a in entry["areas"]] == [0.05, 0.2]
+    assert entry["metrics"]["insertion_auc"] >= 0
+    assert (stack.storage.job_dir(job_id) / "areas.png").is_file()
