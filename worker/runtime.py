@@ -184,19 +184,9 @@ class Runtime:
         if self.engine is not None:
             futures = [self.engine.submit(pixels, t, config, cb) for t, cb in zip(targets, on_steps)]
             return [f.result() for f in futures]
-        out = []
-        for target, on_step in zip(targets, on_steps):
-            if config.method == "extremal":
-                from shared.attribution.extremal import ExtremalOptimisation, to_explanation
+        from shared.attribution.methods import run_method
 
-                run = ExtremalOptimisation.from_config(self.classifier, pixels, target, config, on_step)
-                while not run.done:
-                    run.step(self.classifier)
-                out.append(to_explanation(run.result(self.classifier), config, self.classifier.name))
-            else:
-                from shared.attribution.perturbation import explain
-
-                out.append(explain(self.classifier, pixels, target=target, config=config, on_step=on_step))
+        out = [run_method(self.classifier, pixels, t, config, cb) for t, cb in zip(targets, on_steps)]
         return out
 
     def exclusive(self, fn: "Callable[[Classifier], Any]") -> Any:

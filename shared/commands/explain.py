@@ -28,6 +28,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="noise seed (default 0)")
     p.add_argument("--blur", choices=("mean", "gaussian", "median"), default=None, help="perturbation blur")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="model precision (default fp32)")
+    p.add_argument("--method", choices=("meaningful_perturbation", "extremal"), default=None,
+                   help="saliency method (default meaningful_perturbation)")
+    p.add_argument("--areas", default=None,
+                   help="extremal target areas, comma-separated fractions (default 0.05,0.1,0.2)")
+    p.add_argument("--game", choices=("deletion", "preservation"), default=None,
+                   help="deletion (default) or preservation game")
+    p.add_argument("--perturbation", choices=("blur", "constant", "noise"), default=None,
+                   help="what replaces removed pixels (default blur)")
+    p.add_argument("--faithfulness", action="store_true",
+                   help="also score the mask (deletion/insertion AUC) against Grad-CAM; writes gradcam.png")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -50,9 +60,17 @@ def run(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "blur": args.blur,
             "precision": args.precision,
+            "method": args.method,
+            "game": args.game,
+            "perturbation": args.perturbation,
         }.items()
         if v is not None
     }
+    if args.areas is not None:
+        try:
+            overrides["areas"] = [float(a) for a in args.areas.split(",") if a.strip()]
+        except ValueError:
+            return _fail(f"--areas must be comma-separated fractions such as 0.05,0.1,0.2, got {args.areas!r}")
     try:
         config = PerturbationConfig(**overrides)
     except ValueError as exc:
@@ -68,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from shared.attribution.perturbation import explain
+    from shared.attribution.methods import run_method
     from shared.imaging.render import save_artifacts
     from shared.models.registry import WeightsUnavailableError, load_model
 
@@ -96,15 +114,33 @@ def run(args: argparse.Namespace) -> int:
                 bar.set_postfix(score=f"{losses['score']:.4f}")
 
     try:
-        result = explain(classifier, decoded.pixels, target=target, config=config, on_step=on_step)
+        result = run_method(classifier, decoded.pixels, target=target, config=config, on_step=on_step)
     finally:
         if bar is not None:
             bar.close()
     out = args.out or Path("explanations") / args.image.stem
-    save_artifacts(out, decoded.pixels, result)
+    evaluation = None
+    if args.faithfulness:
+        from shared.attribution.evaluation import evaluate
+
+        evaluation = evaluate(classifier, decoded.pixels, result)
+    written = save_artifacts(
+        out, decoded.pixels, result,
+        gradcam=evaluation.gradcam_saliency if evaluation is not None else None,
+        area_masks=getattr(result, "area_masks", None),
+    )
     print(
-        f"wrote mask.npy, mask.png, heatmap.png, overlay.png, perturbed.png and result.json to {out} "
+        f"wrote {', '.join(sorted(p.name for p in written.values()))} to {out} "
         f"({result.label} [{result.target}]: {result.score_before:.4f} -> {result.score_after:.4f}, "
         f"{result.elapsed_s:.1f} s)"
     )
+    if evaluation is not None:
+        rows = [(config.method, evaluation.metrics)]
+        if evaluation.gradcam is not None:
+            rows.append(("gradcam", evaluation.gradcam))
+        print(f"{'method':<24} {'deletion AUC (lower is better)':>31} {'insertion AUC (higher is better)':>33}")
+        for name, scores in rows:
+            print(f"{name:<24} {scores.deletion_auc:>31.4f} {scores.insertion_auc:>33.4f}")
+        if evaluation.gradcam_error:
+            print(f"Grad-CAM skipped: {evaluation.gradcam_error}")
     return 0

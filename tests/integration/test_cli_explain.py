@@ -52,6 +52,8 @@ def test_explain_writes_every_artifact(shared_images, tmp_path):
         (["--target", "1000"], "out of range"),
         (["--iterations", "0"], "iterations must be between 1 and 10000"),
         (["--model", "nope"], "nope"),
+        (["--areas", "0.1,x"], "--areas must be comma-separated"),
+        (["--method", "extremal", "--areas", "0.1,1.5"], "areas must be fractions strictly between 0 and 1"),
     ],
 )
 def test_explain_bad_options_are_clear_errors(shared_images, tmp_path, args, message):
@@ -67,3 +69,19 @@ def test_explain_not_an_image(tmp_path):
     bogus.write_text("hello, not an image")
     proc = _ebb("explain", str(bogus), "--model", "efficientnet_lite0", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "fake.png" in proc.stderr
+
+
+def test_explain_extremal_with_faithfulness_scores(shared_images, tmp_path):
+    out = tmp_path / "ext"
+    proc = _ebb("explain", str(shared_images / "flute.jpg"), "--model", "efficientnet_lite0",
+                "--target", "flute", "--method", "extremal", "--game", "preservation",
+                "--areas", "0.05,0.2", "--iterations", "12", "--faithfulness", "--quiet",
+                "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in out.iterdir()} == EXPECTED | {"gradcam.npy", "gradcam.png", "areas.png"}
+    result = json.loads((out / "result.json").read_text())
+    assert result["method"] == "extremal" and [a["area"] for a in result["areas"]] == [0.05, 0.2]
+    lines = proc.stdout.strip().splitlines()
+    table = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[2:]}
+    assert set(table) == {"extremal", "gradcam"}
+    assert all(0 <= v <= 1 for values in table.values() for v in values)
