@@ -58,6 +58,15 @@ def test_json_round_trip():
         ("seed", -1, "seed must be between"),
         ("blur", "box", "blur must be one of mean, gaussian, median"),
         ("precision", "fp8", "precision must be one of fp32, bf16"),
+        ("method", "gradcam", "method must be one of meaningful_perturbation, extremal"),
+        ("areas", [], "areas must list 1 to 5 fractions"),
+        ("areas", [0.1] * 6, "areas must list 1 to 5 fractions"),
+        ("areas", [0.0], "areas must be fractions strictly between 0 and 1"),
+        ("areas", [1.0], "areas must be fractions strictly between 0 and 1"),
+        ("areas", [math.nan], "areas must be fractions strictly between 0 and 1"),
+        ("areas", [True], "areas must be fractions strictly between 0 and 1"),
+        ("areas", [0.1, 0.1], "areas must not repeat"),
+        ("areas", "0.1", "areas must be a list"),
     ],
 )
 def test_validation_errors_name_the_field(field, value, message):
@@ -78,3 +87,19 @@ def test_unknown_fields_rejected():
 def test_integral_floats_normalised_to_int():
     c = PerturbationConfig(iterations=10.0)
     assert c.iterations == 10 and isinstance(c.iterations, int)
+
+
+def test_method_and_areas_defaults_and_json():
+    c = PerturbationConfig()
+    assert c.method == "meaningful_perturbation" and c.areas == (0.05, 0.1, 0.2) and not c.is_extremal
+    e = PerturbationConfig(method="extremal", areas=[0.2, 0.05])
+    assert e.is_extremal and e.areas == (0.2, 0.05)  # the order given is kept
+    data = json.loads(json.dumps(e.to_dict()))
+    assert data["areas"] == [0.2, 0.05]
+    assert PerturbationConfig.from_dict(data) == e
+    assert PerturbationConfig(areas=0.3).areas == (0.3,)
+
+
+def test_configs_stored_before_the_new_fields_still_load():
+    old = {k: v for k, v in PerturbationConfig().to_dict().items() if k not in ("method", "areas")}
+    assert PerturbationConfig.from_dict(old) == PerturbationConfig()

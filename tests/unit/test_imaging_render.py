@@ -319,3 +319,46 @@ def test_save_artifacts_validates_arguments(tmp_path):
     with pytest.raises(ValueError, match="path"):
         save_artifacts(123, original(), expl)  # type: ignore[arg-type]
     assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+# --------------------------------------------------------------------------- #
+# extras: Grad-CAM, extremal areas, several targets
+
+
+def test_save_artifacts_extras_and_other_targets(tmp_path):
+    out_dir = tmp_path / "job"
+    img = original(30, 50)
+    first, second = fake_explanation(seed=0), fake_explanation(seed=1, target=5, label="class 5")
+    cam = smooth_mask(32, seed=4)
+    areas = [smooth_mask(32, seed=5), smooth_mask(32, seed=6)]
+    paths = save_artifacts(out_dir, img, first, gradcam=cam, area_masks=areas,
+                           results=[{"explanation": second, "gradcam": cam}])
+    assert set(paths) == set(ARTIFACT_NAMES) | set(render.EXTRA_ARTIFACT_NAMES)
+    np.testing.assert_array_equal(np.load(out_dir / "gradcam.npy"), cam)
+    # Grad-CAM is drawn as saliency (high = important), i.e. overlay of 1 - cam
+    np.testing.assert_array_equal(read_png(out_dir / "gradcam.png"), overlay(img, 1.0 - cam))
+    strip = read_png(out_dir / "areas.png")
+    assert strip.shape == (224, 2 * 224 + 4, 3)
+    assert (strip[:, 224:228] == 255).all()  # the white gap between the tiles
+    sub = out_dir / render.RESULTS_SUBDIR / "1"
+    assert sorted(os.listdir(sub)) == sorted([*ARTIFACT_NAMES.values(), "gradcam.npy", "gradcam.png"])
+    assert json.loads((sub / "result.json").read_text())["target"] == 5
+    assert json.loads((out_dir / "result.json").read_text())["artifacts"][-3:] == [
+        "gradcam.npy", "gradcam.png", "areas.png"]
+    assert [p.name for p in out_dir.parent.iterdir()] == ["job"]  # one atomic rename, nothing left
+
+
+def test_save_artifacts_draws_the_saliency_of_a_preservation_mask(tmp_path):
+    expl = fake_explanation(s=32)
+    expl.saliency = expl.mask_upsampled  # preservation game: the kept region matters
+    img = original(30, 50)
+    save_artifacts(tmp_path / "j", img, expl)
+    np.testing.assert_array_equal(read_png(tmp_path / "j" / "heatmap.png"),
+                                  saliency_heatmap(1.0 - expl.mask_upsampled))
+    np.testing.assert_array_equal(read_png(tmp_path / "j" / "overlay.png"), overlay(img, 1.0 - expl.mask_upsampled))
+
+
+def test_save_artifacts_bad_other_target_leaves_nothing(tmp_path):
+    with pytest.raises(ValueError, match="results\\[0\\] must be a mapping"):
+        save_artifacts(tmp_path / "j", original(), fake_explanation(), results=[fake_explanation()])
+    assert not (tmp_path / "j").exists()
