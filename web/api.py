@@ -81,15 +81,13 @@ def cancel_job(job_id: uuid.UUID):
     return jsonify(jobs_svc.job_to_dict(db, state().storage, job))
 
 
-@bp.get("/jobs/<uuid:job_id>/artifacts/<name>")
-def job_artifact(job_id: uuid.UUID, name: str):
-    st = state()
-    path = jobs_svc.artifact_file(st.storage, job_id, name)
-    if path is None:
-        raise ApiError(404, "not_found",
-                       f"unknown artifact; expected one of {', '.join(jobs_svc.ARTIFACTS)}",
-                       field="name")
-    job = jobs_svc.get_job(get_db(), job_id)
+def _unknown_artifact() -> ApiError:
+    return ApiError(404, "not_found",
+                    f"unknown artifact; expected one of {', '.join(jobs_svc.ARTIFACTS)}",
+                    field="name")
+
+
+def _send_artifact(job, path, name: str, prefix: str):
     if not path.is_file():
         raise ApiError(404, "not_found", f"artifact {name} of job {job.id} does not exist (yet)")
     mimetype = jobs_svc.ARTIFACT_MIMETYPES.get(path.suffix, "application/octet-stream")
@@ -98,12 +96,39 @@ def job_artifact(job_id: uuid.UUID, name: str):
         path,
         mimetype=mimetype,
         as_attachment=download,
-        download_name=f"{job.id}-{path.name}",
+        download_name=f"{job.id}-{prefix}{path.name}",
         max_age=0,
         conditional=True,
     )
     response.headers["Cache-Control"] = "no-cache"
     return response
+
+
+@bp.get("/jobs/<uuid:job_id>/artifacts/<name>")
+def job_artifact(job_id: uuid.UUID, name: str):
+    st = state()
+    path = jobs_svc.artifact_file(st.storage, job_id, name)
+    if path is None:
+        raise _unknown_artifact()
+    job = jobs_svc.get_job(get_db(), job_id)
+    return _send_artifact(job, path, name, "")
+
+
+@bp.get("/jobs/<uuid:job_id>/results/<int:k>/artifacts/<name>")
+def job_result_artifact(job_id: uuid.UUID, k: int, name: str):
+    """An artifact of the ``k``-th explained target (0 = the primary target,
+    the same files as ``/artifacts/<name>``)."""
+    st = state()
+    if jobs_svc.artifact_file(st.storage, job_id, name) is None:
+        raise _unknown_artifact()
+    job = jobs_svc.get_job(get_db(), job_id)
+    count = len(jobs_svc.stored_results(job))
+    if k != 0 and k >= count:
+        raise ApiError(404, "not_found",
+                       f"job {job.id} has no result {k} (it has {count})", field="k")
+    path = jobs_svc.artifact_file(st.storage, job_id, name, k)
+    assert path is not None
+    return _send_artifact(job, path, name, f"result{k}-" if k else "")
 
 
 @bp.get("/models")

@@ -11,11 +11,19 @@ from flask_wtf import FlaskForm
 from flask_wtf.file import FileField
 from wtforms import SelectField, StringField
 
-from shared.attribution.config import BLURS, PerturbationConfig
+from shared.attribution.config import BLURS, MAX_AREAS, PerturbationConfig
 
-from .jobs import CHOICE_FIELDS, CHOICES
+from .jobs import CHOICE_FIELDS, CHOICES, MAX_TARGETS
+
+try:  # WTForms >= 3.3 deprecates (value, label) tuples
+    from wtforms.fields.choices import SelectChoice as _Choice
+except ImportError:  # pragma: no cover - older WTForms
+    def _Choice(value: str, label: str):  # type: ignore[misc]
+        return (value, label)
 
 _DEFAULTS = PerturbationConfig()
+#: Fields shown under the method choice (the rest of the choices are advanced).
+_METHOD_FIELDS = ("method", "areas")
 _LIMITS = PerturbationConfig.limits()
 
 
@@ -37,6 +45,22 @@ class JobForm(FlaskForm):
         render_kw={"list": "labels", "placeholder": "Top-1 of the model on this image",
                    "autocomplete": "off", "spellcheck": "false", "maxlength": "200"},
     )
+    targets = StringField(
+        "Several target classes",
+        render_kw={"placeholder": "e.g. flute, oboe or 558, 683", "autocomplete": "off",
+                   "spellcheck": "false", "maxlength": "1000"},
+    )
+    top_k = StringField("Top-k classes", default="1",
+                        render_kw={"type": "number", "step": "1", "inputmode": "numeric",
+                                   "min": "1", "max": str(MAX_TARGETS)})
+    method = SelectField("Method", choices=[
+        _Choice("meaningful_perturbation", "Meaningful perturbation (2017)"),
+        _Choice("extremal", "Extremal perturbations (2019)"),
+    ], default=_DEFAULTS.method, validate_choice=False)
+    areas = StringField("Extremal areas", default=", ".join(f"{a:g}" for a in _DEFAULTS.areas),
+                        render_kw={"placeholder": "0.05, 0.1, 0.2", "autocomplete": "off",
+                                   "spellcheck": "false", "maxlength": "1000",
+                                   "inputmode": "decimal"})
     iterations = StringField("Iterations", default=str(_DEFAULTS.iterations),
                              render_kw=_number("iterations", "1"))
     learning_rate = StringField("Learning rate", default=f"{_DEFAULTS.learning_rate:g}",
@@ -63,11 +87,25 @@ class JobForm(FlaskForm):
     precision = SelectField("Precision", choices=list(CHOICES["precision"]),
                             default=_DEFAULTS.precision, validate_choice=False)
 
+    #: Shown next to the target: several classes in one job.
+    MULTI = ("targets", "top_k")
+    #: Shown under the method.
+    METHOD = _METHOD_FIELDS
     ADVANCED = ("learning_rate", "l1_coeff", "tv_coeff", "tv_beta", "noise_std",
-                "mask_size", "input_size", "seed", *CHOICE_FIELDS)
+                "mask_size", "input_size", "seed",
+                *tuple(name for name in CHOICE_FIELDS if name not in _METHOD_FIELDS))
     HELP = {
         "target": "Leave blank to explain the class the model predicts; otherwise type to "
                   "search the 1000 ImageNet labels (or give a class index 0-999).",
+        "targets": f"Explain up to {MAX_TARGETS} classes side by side: comma-separated "
+                   "labels or indices, the first being the main one. Leave blank to use "
+                   "the target above.",
+        "top_k": f"Or explain the model's k most probable classes (1-{MAX_TARGETS}); "
+                 "leave at 1 when a target is given.",
+        "method": "Meaningful perturbation: one smooth mask balancing size and score. "
+                  "Extremal: one mask of each fixed area below (the 2019 method).",
+        "areas": f"Extremal only: 1-{MAX_AREAS} comma-separated fractions of the image "
+                 "between 0 and 1, e.g. 0.05, 0.1, 0.2. Blank: the default.",
         "iterations": "Optimisation steps (1-10000). More steps give a cleaner mask.",
         "learning_rate": "Adam learning rate of the mask.",
         "l1_coeff": "Sparsity: how strongly the mask is pushed to keep pixels.",

@@ -23,19 +23,21 @@ from flask import current_app, url_for
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from shared.attribution.config import BLURS, GAMES, PERTURBATIONS, PRECISIONS
+from shared.attribution.config import BLURS, GAMES, MAX_AREAS, METHODS, PERTURBATIONS, PRECISIONS
 from shared.attribution.config import PerturbationConfig
 from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
 
-from shared.imaging.render import ARTIFACT_NAMES
+from shared.imaging.render import ARTIFACT_NAMES, EXTRA_ARTIFACT_NAMES, RESULTS_SUBDIR
 
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
 
-#: Artifact key -> file name in the job's folder (the public API names both).
+#: Artifact key -> file name in the job's folder (the public API names both):
+#: the six every succeeded job has, then the optional ones (Grad-CAM baseline,
+#: extremal areas), present only when the worker computed them.
 #: ``render`` imports OpenCV lazily, inside its drawing functions only.
-ARTIFACTS: dict[str, str] = dict(ARTIFACT_NAMES)
+ARTIFACTS: dict[str, str] = {**ARTIFACT_NAMES, **EXTRA_ARTIFACT_NAMES}
 ARTIFACT_MIMETYPES = {
     ".npy": "application/octet-stream",
     ".png": "image/png",
@@ -47,6 +49,7 @@ INT_FIELDS = ("iterations", "mask_size", "seed", "input_size")
 FLOAT_FIELDS = ("learning_rate", "l1_coeff", "tv_coeff", "tv_beta", "noise_std")
 #: Choice fields -> allowed values.
 CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS,
     "blur": BLURS,
     "game": GAMES,
     "perturbation": PERTURBATIONS,
@@ -54,9 +57,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 CHOICE_FIELDS = tuple(CHOICES)
 CONFIG_FIELDS = ("iterations", "learning_rate", "l1_coeff", "tv_coeff", "tv_beta",
-                 "noise_std", "mask_size", "input_size", "seed", *CHOICE_FIELDS)
+                 "noise_std", "mask_size", "input_size", "seed", *CHOICE_FIELDS, "areas")
+#: Several classes per job: explicit ``targets`` or the ``top_k`` most probable.
+MAX_TARGETS = 5
 #: Order in which fields are validated (the API reports the first failure).
-FIELD_ORDER = ("image", "model", "target", *CONFIG_FIELDS)
+FIELD_ORDER = ("image", "model", "target", "targets", "top_k", *CONFIG_FIELDS)
+#: Longest accepted ``areas`` / ``targets`` text (characters).
+LIST_FIELD_MAX_LEN = 1000
 
 FILENAME_MAX = 100
 _INT_RE = re.compile(r"^[+-]?[0-9]{1,30}$")
@@ -81,6 +88,10 @@ class Submission:
     target_index: int | None
     target_label: str | None
     config: PerturbationConfig
+    #: Class indices explicitly requested with ``targets`` (primary first), or None.
+    targets: list[int] | None = None
+    #: Explain the ``top_k`` most probable classes (None: just one).
+    top_k: int | None = None
 
 
 class SubmissionErrors(Exception):
@@ -139,6 +150,55 @@ def _parse_float(field: str, raw: str) -> float:
     return value
 
 
+def _split_list(field: str, raw: str) -> list[str]:
+    """The comma-separated entries of ``raw`` (stripped); blank entries are errors."""
+    if len(raw) > LIST_FIELD_MAX_LEN:
+        raise ValueError(f"{field} is too long (at most {LIST_FIELD_MAX_LEN} characters)")
+    parts = [part.strip() for part in raw.split(",")]
+    if any(not part for part in parts):
+        raise ValueError(f"{field} must be a comma-separated list without empty entries, "
+                         f"got {raw[:60]!r}")
+    return parts
+
+
+def _parse_areas(raw: str) -> tuple[float, ...]:
+    """``"0.05, 0.1,0.2"`` -> ``(0.05, 0.1, 0.2)``; range, count and repeats are
+    checked by :class:`PerturbationConfig` (messages start with ``areas``)."""
+    parts = _split_list("areas", raw)
+    if len(parts) > MAX_AREAS:
+        raise ValueError(f"areas must list 1 to {MAX_AREAS} fractions, got {len(parts)}")
+    values = []
+    for part in parts:
+        try:
+            values.append(_parse_float("areas", part))
+        except ValueError:
+            raise ValueError(f"areas must be comma-separated fractions between 0 and 1 "
+                             f"(e.g. 0.05,0.1,0.2), got {part[:40]!r}") from None
+    return tuple(values)
+
+
+def _parse_targets(raw: str, labels: list[str]) -> list[int]:
+    """``"flute, 683"`` -> ``[558, 683]``: 1-:data:`MAX_TARGETS` distinct classes."""
+    from shared.models.labels import resolve_target
+
+    parts = _split_list("targets", raw)
+    if len(parts) > MAX_TARGETS:
+        raise ValueError(f"targets must list 1 to {MAX_TARGETS} classes, got {len(parts)}")
+    indices: list[int] = []
+    for part in parts:
+        try:
+            index = resolve_target(part, labels)
+        except ValueError as exc:
+            raise ValueError(f"targets: {str(exc)[:300]}") from None
+        if index is None:  # pragma: no cover - blank entries are refused above
+            raise ValueError("targets must not contain empty entries")
+        if index in indices:
+            raise ValueError(f"targets must be distinct classes; {part[:60]!r} repeats "
+                             f"class {index} ({labels[index]})")
+        indices.append(index)
+    return indices
+
+
 def _config_error_field(message: str) -> str:
     for name in sorted(PerturbationConfig.field_names(), key=len, reverse=True):
         if message.startswith(name):
@@ -187,16 +247,52 @@ def parse_submission(
     except ValueError as exc:
         errors["target"] = ("invalid_target", str(exc)[:500])
 
+    # targets (several explicit classes; blank = not given)
+    targets: list[int] | None = None
+    if value("targets").strip():
+        try:
+            targets = _parse_targets(value("targets"), labels)
+        except ValueError as exc:
+            errors["targets"] = ("invalid_value", str(exc)[:500])
+        if value("target").strip():
+            errors["targets"] = (
+                "invalid_value",
+                "targets cannot be combined with target: list every class in targets "
+                "(the first one is the primary target)")
+
+    # top_k (the k most probable classes)
+    top_k = 1
+    if "top_k" in form and (value("top_k").strip() or not blank_is_default):
+        try:
+            top_k = _parse_int("top_k", value("top_k"))
+            if not 1 <= top_k <= MAX_TARGETS:
+                raise ValueError(f"top_k must be between 1 and {MAX_TARGETS}, got {top_k}")
+        except ValueError as exc:
+            errors["top_k"] = ("invalid_value", str(exc))
+            top_k = 1
+        if top_k > 1 and value("targets").strip():
+            errors["targets"] = (
+                "invalid_value",
+                "targets cannot be combined with top_k > 1: either list the classes in "
+                "targets or ask for the top_k most probable ones")
+        elif top_k > 1 and value("target").strip():
+            errors["top_k"] = (
+                "invalid_value",
+                "top_k > 1 explains the model's most probable classes and cannot be "
+                "combined with target; list the classes in targets instead")
+
     # config
     changes: dict[str, Any] = {}
-    for name in INT_FIELDS + FLOAT_FIELDS + CHOICE_FIELDS:
+    for name in INT_FIELDS + FLOAT_FIELDS + CHOICE_FIELDS + ("areas",):
         if name not in form:
             continue
         raw = value(name)
-        if not raw.strip() and blank_is_default:
+        if not raw.strip() and (blank_is_default or name == "areas"):
             continue
         try:
-            if name in INT_FIELDS:
+            if name == "areas":
+                changes[name] = _parse_areas(raw)
+            elif name in INT_FIELDS:
                 changes[name] = _parse_int(name, raw)
             elif name in FLOAT_FIELDS:
                 changes[name] = _parse_float(name, raw)
@@ -236,13 +332,15 @@ def parse_submission(
 
     getlist = getattr(form, "getlist", None)
     if getlist is not None:  # a field given twice is ambiguous: refuse it
-        for name in ("model", "target", *CONFIG_FIELDS):
+        for name in ("model", "target", "targets", "top_k", *CONFIG_FIELDS):
             if len(getlist(name)) > 1:
                 errors[name] = ("invalid_value", f"{name} given more than once")
 
     if errors:
         raise SubmissionErrors(errors)
     assert config is not None and decoded is not None
+    if targets:
+        target_index = targets[0]
     return Submission(
         data=data,
         width=int(decoded.width),
@@ -253,6 +351,8 @@ def parse_submission(
         target_index=target_index,
         target_label=labels[target_index] if target_index is not None else None,
         config=config,
+        targets=targets,
+        top_k=top_k if top_k > 1 else None,
     )
 
 
@@ -286,6 +386,8 @@ def create_job(db: Session, storage: Any, sub: Submission) -> Job:
         model=sub.model,
         target_index=sub.target_index,
         target_label=sub.target_label,
+        targets=list(sub.targets) if sub.targets else None,
+        top_k=sub.top_k if sub.top_k and sub.top_k > 1 else None,
         config=sub.config.to_dict(),
         image_sha256=sha,
         image_width=sub.width,
@@ -421,42 +523,76 @@ def elapsed_and_eta(job: Job, now: datetime | None = None) -> tuple[float | None
     return round(elapsed, 3), (round(eta, 3) if eta is not None else None)
 
 
-def artifact_file(storage: Any, job_id: uuid.UUID, name: str) -> Path | None:
-    """Path of artifact ``name`` (a key or a file name) of ``job_id``; None if unknown."""
+def _artifact_filename(name: str) -> str | None:
     if name in ARTIFACTS:
-        filename = ARTIFACTS[name]
-    elif name in ARTIFACTS.values():
-        filename = name
-    else:
+        return ARTIFACTS[name]
+    if name in ARTIFACTS.values():
+        return name
+    return None
+
+
+def result_dir(storage: Any, job_id: uuid.UUID, k: int) -> Path:
+    """Folder of the ``k``-th explained target's artifacts: the job's folder for
+    the first (k = 0), ``results/<k>/`` inside it for the others."""
+    folder = Path(storage.job_dir(job_id))
+    return folder if k == 0 else folder / RESULTS_SUBDIR / str(int(k))
+
+
+def artifact_file(storage: Any, job_id: uuid.UUID, name: str, k: int = 0) -> Path | None:
+    """Path of artifact ``name`` (a key or a file name) of target ``k`` of
+    ``job_id``; None if the name is unknown."""
+    filename = _artifact_filename(name)
+    if filename is None:
         return None
-    return Path(storage.job_dir(job_id)) / filename
+    return result_dir(storage, job_id, k) / filename
 
 
-def artifact_urls(storage: Any, job: Job) -> dict[str, str | None]:
+def artifact_urls(storage: Any, job: Job, k: int | None = None) -> dict[str, str | None]:
+    """Artifact key -> URL (None unless the job succeeded and the file exists).
+
+    ``k`` None: the job's top-level artifacts (``/artifacts/<name>``); an int:
+    those of its ``k``-th result (``/results/<k>/artifacts/<name>``).
+    """
     urls: dict[str, str | None] = {}
     done = job.status == JobStatus.SUCCEEDED.value
     for key in ARTIFACTS:
-        path = artifact_file(storage, job.id, key) if done else None
-        urls[key] = (
-            url_for("api.job_artifact", job_id=job.id, name=key)
-            if path is not None and path.is_file()
-            else None
-        )
+        path = artifact_file(storage, job.id, key, k or 0) if done else None
+        if path is None or not path.is_file():
+            urls[key] = None
+        elif k is None:
+            urls[key] = url_for("api.job_artifact", job_id=job.id, name=key)
+        else:
+            urls[key] = url_for("api.job_result_artifact", job_id=job.id, k=k, name=key)
     return urls
 
 
 def _num(value: Any) -> float | None:
-    if value is None:
+    if value is None or isinstance(value, bool):
         return None
     try:
         value = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return value if math.isfinite(value) else None
 
 
-def _top5(job: Job) -> dict[str, list[dict[str, Any]] | None]:
-    raw = job.top5 if isinstance(job.top5, dict) else {}
+def _int(value: Any) -> int | None:
+    """An int from stored JSON (not a bool, not a float with a fraction), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _str(value: Any, limit: int = 200) -> str | None:
+    return value[:limit] if isinstance(value, str) else None
+
+
+def _clean_top5(raw: Any) -> dict[str, list[dict[str, Any]] | None]:
+    raw = raw if isinstance(raw, dict) else {}
     out: dict[str, list[dict[str, Any]] | None] = {}
     for key in ("before", "after"):
         rows = raw.get(key)
@@ -464,15 +600,120 @@ def _top5(job: Job) -> dict[str, list[dict[str, Any]] | None]:
             out[key] = None
             continue
         clean = []
-        for row in rows:
+        for row in rows[:MAX_ROWS]:
             if isinstance(row, dict):
                 clean.append({
-                    "index": row.get("index"),
-                    "label": row.get("label"),
+                    "index": _int(row.get("index")),
+                    "label": _str(row.get("label")),
                     "prob": _num(row.get("prob")),
                 })
         out[key] = clean
     return out
+
+
+def _top5(job: Job) -> dict[str, list[dict[str, Any]] | None]:
+    return _clean_top5(job.top5)
+
+
+#: Caps on what is read back from stored JSON (a result list, a curve, top-5 rows).
+MAX_RESULTS = 16
+MAX_CURVE_POINTS = 1000
+MAX_ROWS = 20
+CURVE_KEYS = ("fraction", "deletion", "insertion")
+
+
+def _clean_curves(raw: Any) -> dict[str, list[float | None]] | None:
+    """``{"fraction", "deletion", "insertion"}`` lists of numbers (non-finite or
+    non-numeric points become null, so the lists stay aligned); None unless
+    all three are lists."""
+    if not isinstance(raw, dict):
+        return None
+    out: dict[str, list[float | None]] = {}
+    for key in CURVE_KEYS:
+        values = raw.get(key)
+        if not isinstance(values, list):
+            return None
+        out[key] = [_num(v) for v in values[:MAX_CURVE_POINTS]]
+    return out
+
+
+def _clean_metrics(raw: Any) -> dict[str, Any] | None:
+    """Deletion/insertion scores of one saliency map, or None."""
+    if not isinstance(raw, dict):
+        return None
+    return {
+        "deletion_auc": _num(raw.get("deletion_auc")),
+        "insertion_auc": _num(raw.get("insertion_auc")),
+        "curves": _clean_curves(raw.get("curves")),
+        "seconds": _num(raw.get("seconds")),
+    }
+
+
+def _clean_areas(raw: Any) -> list[dict[str, float | None]] | None:
+    if not isinstance(raw, list):
+        return None
+    return [
+        {
+            "area": _num(row.get("area")),
+            "area_achieved": _num(row.get("area_achieved")),
+            "score_after": _num(row.get("score_after")),
+        }
+        for row in raw[:MAX_ROWS]
+        if isinstance(row, dict)
+    ]
+
+
+def clean_result(raw: Any) -> dict[str, Any]:
+    """One entry of ``Job.results`` in its public shape (without artifacts);
+    anything malformed becomes null, never an error."""
+    raw = raw if isinstance(raw, dict) else {}
+    target = raw.get("target") if isinstance(raw.get("target"), dict) else {}
+    scores = raw.get("scores") if isinstance(raw.get("scores"), dict) else {}
+    return {
+        "target": {"index": _int(target.get("index")), "label": _str(target.get("label"))},
+        "method": _str(raw.get("method"), 64),
+        "scores": {"before": _num(scores.get("before")), "after": _num(scores.get("after"))},
+        "top5": _clean_top5(raw.get("top5")),
+        "metrics": _clean_metrics(raw.get("metrics")),
+        "gradcam": _clean_metrics(raw.get("gradcam")),
+        "areas": _clean_areas(raw.get("areas")),
+    }
+
+
+def stored_results(job: Job) -> list[Any]:
+    """The raw ``Job.results`` list (empty when absent or not a list), capped."""
+    return list(job.results[:MAX_RESULTS]) if isinstance(job.results, list) else []
+
+
+def results_to_list(storage: Any, job: Job) -> list[dict[str, Any]]:
+    """``Job.results`` cleaned, each with the URLs of its artifacts."""
+    return [
+        {**clean_result(raw), "artifacts": artifact_urls(storage, job, k)}
+        for k, raw in enumerate(stored_results(job))
+    ]
+
+
+def metrics_summary(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The primary target's faithfulness scores (``metrics`` of the job's JSON):
+    the perturbation mask's, with the Grad-CAM baseline's under ``gradcam``."""
+    if not results:
+        return None
+    first = results[0]
+    mask = first.get("metrics") or {}
+    return {
+        "deletion_auc": mask.get("deletion_auc"),
+        "insertion_auc": mask.get("insertion_auc"),
+        "curves": mask.get("curves"),
+        "seconds": mask.get("seconds"),
+        "gradcam": first.get("gradcam"),
+    }
+
+
+def _targets(job: Job) -> list[int] | None:
+    if not isinstance(job.targets, list):
+        return None
+    out = [i for i in (_int(v) for v in job.targets[:MAX_RESULTS]) if i is not None]
+    return out or None
 
 
 def job_to_dict(db: Session, storage: Any, job: Job) -> dict[str, Any]:
@@ -480,11 +721,15 @@ def job_to_dict(db: Session, storage: Any, job: Job) -> dict[str, Any]:
     total = int(job.progress_total or 0)
     iteration = int(job.progress_iteration or 0)
     elapsed, eta = elapsed_and_eta(job)
+    results = results_to_list(storage, job)
+    top_k = _int(job.top_k)
     return {
         "id": str(job.id),
         "status": job.status,
         "model": job.model,
         "target": {"index": job.target_index, "label": job.target_label},
+        "targets": _targets(job),
+        "top_k": top_k if top_k and top_k > 0 else 1,
         "progress": {
             "iteration": iteration,
             "total": total,
@@ -498,6 +743,8 @@ def job_to_dict(db: Session, storage: Any, job: Job) -> dict[str, Any]:
         "finished_at": iso(job.finished_at),
         "error": job.error,
         "artifacts": artifact_urls(storage, job),
+        "metrics": metrics_summary(results),
+        "results": results,
         "queue_position": queue_position(db, job),
         "current_score": _num(job.current_score),
         "elapsed_s": elapsed,

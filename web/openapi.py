@@ -5,9 +5,9 @@ from __future__ import annotations
 from copy import deepcopy
 from typing import Any
 
-from shared.attribution.config import PerturbationConfig
+from shared.attribution.config import MAX_AREAS, PerturbationConfig
 
-from .jobs import ARTIFACTS, CHOICES, STATUSES
+from .jobs import ARTIFACTS, CHOICES, MAX_TARGETS, STATUSES
 
 _LIMITS = PerturbationConfig.limits()
 _DEFAULTS = PerturbationConfig()
@@ -53,10 +53,51 @@ def _float_param(name: str, description: str) -> dict[str, Any]:
 
 _ARTIFACT_URLS = {
     "type": "object",
-    "description": "Absolute-path URLs of the result files; null until the job succeeded.",
+    "description": "Absolute-path URLs of the result files; null until the job succeeded. "
+                   "`gradcam_npy`, `gradcam_png` (the Grad-CAM baseline) and `areas_png` "
+                   "(extremal jobs: one overlay per target area) are null when the job did "
+                   "not compute them.",
     "properties": {key: _nullable({"type": "string"}) for key in ARTIFACTS},
     "required": list(ARTIFACTS),
 }
+
+_NUMBERS = {"type": "array", "items": _nullable({"type": "number"})}
+
+_CURVES = _nullable({
+    "type": "object",
+    "description": "Deletion and insertion curves: the target probability (`deletion`, "
+                   "`insertion`) after removing / revealing the `fraction` of pixels the "
+                   "map ranks most salient; aligned lists (a point that is not a finite "
+                   "number is null).",
+    "properties": {"fraction": _NUMBERS, "deletion": _NUMBERS, "insertion": _NUMBERS},
+    "required": ["fraction", "deletion", "insertion"],
+})
+
+_FAITHFULNESS_PROPERTIES = {
+    "deletion_auc": _nullable({"type": "number",
+                               "description": "Area under the deletion curve: lower is "
+                                              "more faithful."}),
+    "insertion_auc": _nullable({"type": "number",
+                                "description": "Area under the insertion curve: higher is "
+                                               "more faithful."}),
+    "curves": _CURVES,
+    "seconds": _nullable({"type": "number", "description": "Time the evaluation took."}),
+}
+
+_FAITHFULNESS = {
+    "type": "object",
+    "properties": _FAITHFULNESS_PROPERTIES,
+    "required": list(_FAITHFULNESS_PROPERTIES),
+}
+
+_METRICS = _nullable({
+    "type": "object",
+    "description": "Faithfulness of the primary target's explanation (deletion/insertion "
+                   "metrics of the perturbation mask) and of the Grad-CAM baseline "
+                   "(`gradcam`); null until the job has results.",
+    "properties": {**_FAITHFULNESS_PROPERTIES, "gradcam": _nullable(_FAITHFULNESS)},
+    "required": [*_FAITHFULNESS_PROPERTIES, "gradcam"],
+})
 
 _TOP5_ROW = {
     "type": "object",
@@ -67,28 +108,100 @@ _TOP5_ROW = {
     },
 }
 
+_TARGET = {
+    "type": "object",
+    "properties": {
+        "index": _nullable({"type": "integer"}),
+        "label": _nullable({"type": "string"}),
+    },
+    "required": ["index", "label"],
+}
+
+_SCORES = {
+    "type": "object",
+    "description": "Probability of the target class on the original image (before) "
+                   "and on the perturbed image (after).",
+    "properties": {
+        "before": _nullable({"type": "number"}),
+        "after": _nullable({"type": "number"}),
+    },
+    "required": ["before", "after"],
+}
+
+_TOP5 = {
+    "type": "object",
+    "properties": {
+        "before": _nullable({"type": "array", "items": _TOP5_ROW}),
+        "after": _nullable({"type": "array", "items": _TOP5_ROW}),
+    },
+    "required": ["before", "after"],
+}
+
+_AREA_ROW = {
+    "type": "object",
+    "properties": {
+        "area": _nullable({"type": "number", "description": "Requested area (fraction)."}),
+        "area_achieved": _nullable({"type": "number",
+                                    "description": "Fraction the mask actually covers."}),
+        "score_after": _nullable({"type": "number",
+                                  "description": "Target probability with that mask."}),
+    },
+    "required": ["area", "area_achieved", "score_after"],
+}
+
+_RESULT = {
+    "type": "object",
+    "description": "One explained target: its scores, faithfulness metrics, the Grad-CAM "
+                   "baseline's, extremal areas and artifact URLs.",
+    "properties": {
+        "target": _TARGET,
+        "method": _nullable({"type": "string",
+                             "description": "`meaningful_perturbation` or `extremal`."}),
+        "scores": _SCORES,
+        "top5": _TOP5,
+        "metrics": _nullable({**_FAITHFULNESS,
+                              "description": "Deletion/insertion metrics of the "
+                                             "perturbation mask."}),
+        "gradcam": _nullable({**_FAITHFULNESS,
+                              "description": "Deletion/insertion metrics of the Grad-CAM "
+                                             "baseline for the same class."}),
+        "areas": _nullable({"type": "array", "items": _AREA_ROW,
+                            "description": "Extremal jobs: one row per target area."}),
+        "artifacts": {**_ARTIFACT_URLS,
+                      "description": "URLs of this target's files "
+                                     "(`/jobs/{job_id}/results/{k}/artifacts/{name}`); null "
+                                     "when absent."},
+    },
+    "required": ["target", "method", "scores", "top5", "metrics", "gradcam", "areas",
+                 "artifacts"],
+}
+
 _JOB = {
     "type": "object",
     "required": [
-        "id", "status", "model", "target", "progress", "scores", "top5", "config",
-        "created_at", "started_at", "finished_at", "error", "artifacts", "queue_position",
-        "current_score", "elapsed_s", "eta_s", "attempts", "worker", "timings", "image",
-        "links",
+        "id", "status", "model", "target", "targets", "top_k", "progress", "scores", "top5",
+        "config", "created_at", "started_at", "finished_at", "error", "artifacts", "metrics",
+        "results", "queue_position", "current_score", "elapsed_s", "eta_s", "attempts",
+        "worker", "timings", "image", "links",
     ],
     "properties": {
         "id": {"type": "string", "format": "uuid"},
         "status": {"type": "string", "enum": list(STATUSES)},
         "model": {"type": "string"},
         "target": {
-            "type": "object",
-            "description": "Class explained; null index/label until the worker resolved the "
-                           "model's top-1 class when none was requested.",
-            "properties": {
-                "index": _nullable({"type": "integer"}),
-                "label": _nullable({"type": "string"}),
-            },
-            "required": ["index", "label"],
+            **_TARGET,
+            "description": "Class explained (the primary one when there are several); null "
+                           "index/label until the worker resolved the model's top-1 class "
+                           "when none was requested.",
         },
+        "targets": _nullable({
+            "type": "array", "items": {"type": "integer"},
+            "description": "Class indices requested with `targets` (primary first); null "
+                           "when not given.",
+        }),
+        "top_k": {"type": "integer", "minimum": 1,
+                  "description": "How many of the most probable classes are explained "
+                                 "(1 unless `top_k` was requested)."},
         "progress": {
             "type": "object",
             "properties": {
@@ -98,24 +211,8 @@ _JOB = {
             },
             "required": ["iteration", "total", "fraction"],
         },
-        "scores": {
-            "type": "object",
-            "description": "Probability of the target class on the original image (before) "
-                           "and on the perturbed image (after).",
-            "properties": {
-                "before": _nullable({"type": "number"}),
-                "after": _nullable({"type": "number"}),
-            },
-            "required": ["before", "after"],
-        },
-        "top5": {
-            "type": "object",
-            "properties": {
-                "before": _nullable({"type": "array", "items": _TOP5_ROW}),
-                "after": _nullable({"type": "array", "items": _TOP5_ROW}),
-            },
-            "required": ["before", "after"],
-        },
+        "scores": _SCORES,
+        "top5": _TOP5,
         "config": {
             "type": "object",
             "description": "The complete validated PerturbationConfig of the job.",
@@ -126,6 +223,12 @@ _JOB = {
         "finished_at": _nullable({"type": "string", "format": "date-time"}),
         "error": _nullable({"type": "string"}),
         "artifacts": _ARTIFACT_URLS,
+        "metrics": _METRICS,
+        "results": {
+            "type": "array", "items": _RESULT,
+            "description": "One entry per explained target, the primary first (empty until "
+                           "the job succeeded, or for jobs run before results existed).",
+        },
         "queue_position": _nullable({
             "type": "integer", "minimum": 1,
             "description": "1-based place among the queued jobs of the same model "
@@ -183,8 +286,16 @@ succeeded, fetch the result files from `artifacts`.
 * All settings are validated before anything is stored or queued; a bad value
   returns 400 with `error.field` naming the form field.
 * Omitted settings take their defaults; a blank `model` means the default
-  model and a blank `target` the model's top-1 class. A blank numeric or
-  choice setting is a 400, and so is a field given more than once.
+  model, a blank `target` the model's top-1 class and a blank `targets` or
+  `areas` their defaults. A blank numeric or choice setting is a 400, and so
+  is a field given more than once.
+* Several classes per job: `targets` (comma-separated indices or labels, 1-5,
+  the first is the primary target) or `top_k` (the 2-5 most probable
+  classes); either one cannot be combined with `target`, nor with each other.
+  Their results are `results[k]`, their files under
+  `/jobs/{job_id}/results/{k}/artifacts/{name}`.
+* Every finished job carries faithfulness scores (`metrics`: deletion and
+  insertion AUCs and curves of the mask, and of a Grad-CAM baseline).
 * **Unknown form fields are ignored.**
 * The image is recognised by its content (never by file name or content type).
 * The original file name is kept for display only (cleaned: path parts and
@@ -309,6 +420,33 @@ def _base_document(server_url: str) -> dict[str, Any]:
                                             "description": "Class index (0-999) or exact "
                                                            "label; blank: the model's top-1.",
                                         },
+                                        "targets": {
+                                            "type": "string",
+                                            "maxLength": 1000,
+                                            "description": (
+                                                f"Several classes: 1-{MAX_TARGETS} distinct "
+                                                "comma-separated indices or exact labels "
+                                                "(e.g. `flute, 683`), the first the primary "
+                                                "target. Not with `target` or `top_k` > 1."),
+                                        },
+                                        "top_k": {
+                                            "type": "integer", "minimum": 1,
+                                            "maximum": MAX_TARGETS, "default": 1,
+                                            "description": "Explain the model's top_k most "
+                                                           "probable classes. Not with "
+                                                           "`target` or `targets`.",
+                                        },
+                                        "areas": {
+                                            "type": "string",
+                                            "maxLength": 1000,
+                                            "default": ",".join(
+                                                f"{a:g}" for a in _DEFAULTS.areas),
+                                            "description": (
+                                                f"Extremal method: 1-{MAX_AREAS} distinct "
+                                                "comma-separated target areas, fractions "
+                                                "strictly between 0 and 1; blank: the "
+                                                "default."),
+                                        },
                                         "iterations": _int_param("iterations", "Adam steps."),
                                         "learning_rate": _float_param("learning_rate",
                                                                       "Adam learning rate."),
@@ -428,6 +566,44 @@ def _base_document(server_url: str) -> dict[str, Any]:
                 "get": {
                     "operationId": "getArtifact",
                     "summary": "One result file of a job (404 until it exists).",
+                    "parameters": [
+                        {"name": "download", "in": "query", "required": False,
+                         "description": "`1` to get it as an attachment.",
+                         "schema": {"type": "string", "enum": ["0", "1"]}},
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The file.",
+                            "content": {
+                                "image/png": {"schema": {"type": "string", "format": "binary"}},
+                                "application/octet-stream": {
+                                    "schema": {"type": "string", "format": "binary"}},
+                                "application/json": {"schema": {"type": "object"}},
+                            },
+                        },
+                        "304": {"description": "Not modified (conditional request)."},
+                        "404": errors["404"],
+                        "405": errors["405"],
+                    },
+                },
+            },
+            "/jobs/{job_id}/results/{k}/artifacts/{name}": {
+                "parameters": [
+                    _JOB_ID,
+                    {"name": "k", "in": "path", "required": True,
+                     "description": "Index in `results` (0: the primary target, the same "
+                                    "files as `/jobs/{job_id}/artifacts/{name}`); beyond the "
+                                    "results: 404.",
+                     "schema": {"type": "integer", "minimum": 0}},
+                    {"name": "name", "in": "path", "required": True,
+                     "description": "Artifact key or file name.",
+                     "schema": {"type": "string",
+                                "enum": list(ARTIFACTS) + list(ARTIFACTS.values())}},
+                ],
+                "get": {
+                    "operationId": "getResultArtifact",
+                    "summary": "One result file of the k-th explained target (404 until it "
+                               "exists).",
                     "parameters": [
                         {"name": "download", "in": "query", "required": False,
                          "description": "`1` to get it as an attachment.",

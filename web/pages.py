@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 
 from shared.db.models import Job, JobStatus
 
+from . import charts
 from . import jobs as jobs_svc
 from .db import get_db, state
 from .errors import ApiError
@@ -34,6 +35,11 @@ bp = Blueprint("pages", __name__)
 #: Formats every browser displays; anything else is re-encoded as PNG.
 _BROWSER_MIMES = {"image/jpeg", "image/png", "image/gif", "image/webp", "image/bmp"}
 THUMB_SIZE = 320
+
+METHOD_NAMES = {
+    "meaningful_perturbation": "Meaningful perturbation",
+    "extremal": "Extremal perturbations",
+}
 
 RESULT_IMAGES = (
     ("original", "Original"),
@@ -253,8 +259,24 @@ def job(job_id: uuid.UUID):
         for key, url in data["artifacts"].items()
         if url
     ]
+    for k, result in enumerate(data["results"][1:], start=1):
+        downloads += [
+            {"key": key, "name": f"results/{k}/{jobs_svc.ARTIFACTS[key]}", "url": url}
+            for key, url in result["artifacts"].items()
+            if url
+        ]
+    cards = []
+    if row.status == JobStatus.SUCCEEDED.value:
+        for k, result in enumerate(data["results"]):
+            cards.append({"k": k, "result": result, "chart": charts.curves_chart(result),
+                          "verdict": charts.verdict(result)})
+    requested = [
+        {"index": index, "label": st.labels[index] if 0 <= index < len(st.labels) else None}
+        for index in data["targets"] or ()
+    ]
     return render_template(
-        "job.html", job=data, row=row, images=images, downloads=downloads,
+        "job.html", job=data, row=row, images=images, downloads=downloads, cards=cards,
+        requested=requested, method_names=METHOD_NAMES,
         terminal=row.status in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value,
                                 JobStatus.CANCELLED.value),
     )

@@ -163,3 +163,78 @@ class TestApps:
         """Close every app's database connections (engines are cached per URL)."""
         while self._apps:
             self._apps.pop().extensions["ebb"].session_factory.kw["bind"].dispose()
+
+
+# --------------------------------------------------------------------------- results
+
+
+def sample_curves(steps: int = 28, start: float = 0.9, faithful: bool = True) -> dict[str, list]:
+    """Deletion/insertion curves as the worker stores them: ``steps + 1`` points."""
+    fraction = [i / steps for i in range(steps + 1)]
+    fall = 8.0 if faithful else 3.0
+    rise = 8.0 if faithful else 3.0
+    import math
+
+    deletion = [round(start * math.exp(-fall * f), 6) for f in fraction]
+    insertion = [round(start * (1 - math.exp(-rise * f)) / (1 - math.exp(-rise)), 6)
+                 for f in fraction]
+    return {"fraction": fraction, "deletion": deletion, "insertion": insertion}
+
+
+def _faithfulness(curves: dict[str, list], seconds: float) -> dict[str, Any]:
+    def auc(xs, ys):
+        return sum((xs[i + 1] - xs[i]) * (ys[i + 1] + ys[i]) / 2 for i in range(len(xs) - 1))
+
+    return {
+        "deletion_auc": round(auc(curves["fraction"], curves["deletion"]), 6),
+        "insertion_auc": round(auc(curves["fraction"], curves["insertion"]), 6),
+        "curves": curves,
+        "seconds": seconds,
+    }
+
+
+def sample_result(index: int, label: str, *, method: str = "meaningful_perturbation",
+                  before: float = 0.9, after: float = 0.02,
+                  areas: tuple[float, ...] = (0.05, 0.1, 0.2)) -> dict[str, Any]:
+    """One entry of ``Job.results`` in the layout the worker writes."""
+    return {
+        "target": {"index": index, "label": label},
+        "method": method,
+        "scores": {"before": before, "after": after},
+        "top5": {
+            "before": [{"index": index, "label": label, "prob": before},
+                       {"index": (index + 1) % 1000, "label": "other", "prob": 0.05}],
+            "after": [{"index": (index + 1) % 1000, "label": "other", "prob": 0.3},
+                      {"index": index, "label": label, "prob": after}],
+        },
+        "metrics": _faithfulness(sample_curves(start=before, faithful=True), 0.4),
+        "gradcam": _faithfulness(sample_curves(start=before, faithful=False), 0.1),
+        "areas": ([{"area": a, "area_achieved": round(a * 1.02, 4),
+                    "score_after": round(before * (0.3 + a), 4)} for a in areas]
+                  if method == "extremal" else None),
+    }
+
+
+def write_result_files(job_dir: Path, k: int, *, extremal: bool = False,
+                       gradcam: bool = True) -> dict[str, bytes]:
+    """The artifact files of result ``k`` (``results/<k>/`` for k >= 1), as the
+    worker writes them; returns file name -> bytes (each file's bytes differ)."""
+    folder = Path(job_dir) if k == 0 else Path(job_dir) / "results" / str(k)
+    folder.mkdir(parents=True, exist_ok=True)
+    shade = (40 + 50 * k) % 256
+    files = {
+        "mask.npy": b"\x93NUMPY fake %d" % k,
+        "mask.png": image_bytes("PNG", (16, 16), (shade, 10, 10)),
+        "heatmap.png": image_bytes("PNG", (16, 16), (10, shade, 10)),
+        "overlay.png": image_bytes("PNG", (16, 16), (10, 10, shade)),
+        "perturbed.png": image_bytes("PNG", (16, 16), (shade, shade, 10)),
+        "result.json": json.dumps({"k": k}).encode(),
+    }
+    if gradcam:
+        files["gradcam.npy"] = b"\x93NUMPY gradcam %d" % k
+        files["gradcam.png"] = image_bytes("PNG", (16, 16), (shade, 10, shade))
+    if extremal:
+        files["areas.png"] = image_bytes("PNG", (48, 16), (10, shade, shade))
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return files

@@ -521,8 +521,13 @@ def test_get_job_contract(app, client):
     assert set(body["top5"]) == {"before", "after"}
     assert set(body["image"]) == {"sha256", "width", "height", "filename"}
     assert set(body["artifacts"]) == {"mask_npy", "mask_png", "heatmap_png", "overlay_png",
-                                      "perturbed_png", "result_json"}
+                                      "perturbed_png", "result_json", "gradcam_npy",
+                                      "gradcam_png", "areas_png"}
     assert all(v is None for v in body["artifacts"].values())
+    assert body["metrics"] is None and body["results"] == []
+    assert body["targets"] is None and body["top_k"] == 1
+    assert body["config"]["method"] == "meaningful_perturbation"
+    assert body["config"]["areas"] == [0.05, 0.1, 0.2]
     created = datetime.fromisoformat(body["created_at"].replace("Z", "+00:00"))
     assert created.tzinfo is not None and created.utcoffset() == timedelta(0)
     assert body["started_at"] is None and body["elapsed_s"] is None
@@ -612,8 +617,11 @@ def test_artifacts_served_once_they_exist(app, client):
     assert body["scores"] == {"before": 0.9, "after": 0.05}
     assert body["top5"]["before"][0]["label"] == "flute"
     assert body["eta_s"] == 0.0
+    extras = {"gradcam_npy", "gradcam_png", "areas_png"}  # not written by this job
     for key, url in body["artifacts"].items():
-        assert url == f"/api/v1/jobs/{job_id}/artifacts/{key}"
+        assert url == (None if key in extras else f"/api/v1/jobs/{job_id}/artifacts/{key}")
+    for key in extras:
+        assert_error(client.get(f"/api/v1/jobs/{job_id}/artifacts/{key}"), 404)
     expected_types = {"mask_npy": "application/octet-stream", "mask_png": "image/png",
                       "heatmap_png": "image/png", "overlay_png": "image/png",
                       "perturbed_png": "image/png", "result_json": "application/json"}
@@ -652,6 +660,365 @@ def test_traversal_in_path_is_404(app, client):
         response = client.get(path)
         assert response.status_code == 404, path
         assert b"SQLite" not in response.data
+
+
+# --------------------------------------------------------------------------- method, areas, targets
+
+
+def _job_schema(client):
+    doc = client.get("/api/v1/openapi.json").get_json()
+    schema = json.loads(json.dumps(doc["components"]["schemas"]["Job"]))
+
+    def to_jsonschema(node):  # OpenAPI 3.0 "nullable" -> JSON Schema type lists
+        if isinstance(node, dict):
+            node = {k: to_jsonschema(v) for k, v in node.items()}
+            if node.pop("nullable", False):
+                node = {"anyOf": [node, {"type": "null"}]}
+            return node
+        if isinstance(node, list):
+            return [to_jsonschema(v) for v in node]
+        return node
+
+    return to_jsonschema(schema)
+
+
+@pytest.mark.parametrize("method", ["meaningful_perturbation", "extremal"])
+def test_method_is_a_choice(app, client, method):
+    response = post_job(client, method=method)
+    assert response.status_code == 202, response.get_data(as_text=True)
+    assert response.get_json()["config"]["method"] == method
+    [job] = rows(app)
+    assert job.config["method"] == method
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("0.05,0.1,0.2", [0.05, 0.1, 0.2]),
+    (" 0.3 , 0.6 ", [0.3, 0.6]),
+    ("0.5", [0.5]),
+    ("0.2,0.05", [0.2, 0.05]),
+    ("0.01,0.02,0.03,0.04,0.05", [0.01, 0.02, 0.03, 0.04, 0.05]),
+    ("5e-2", [0.05]),
+    ("", [0.05, 0.1, 0.2]),
+    ("  ", [0.05, 0.1, 0.2]),
+])
+def test_areas_accepted(app, client, raw, expected):
+    response = post_job(client, method="extremal", areas=raw)
+    assert response.status_code == 202, response.get_data(as_text=True)
+    assert response.get_json()["config"]["areas"] == expected
+    [job] = rows(app)
+    assert job.config["areas"] == expected
+    from shared.attribution.config import PerturbationConfig
+
+    assert PerturbationConfig.from_dict(job.config).areas == tuple(expected)
+
+
+@pytest.mark.parametrize("raw", [
+    "0", "1", "1.5", "-0.1", "0.1,,0.2", ",0.1", "0.1,", "abc", "0.1,abc", "0.1,0.1",
+    "0.1;0.2", "0.1 0.2", "nan", "0.1,inf", "0.01,0.02,0.03,0.04,0.05,0.06",
+    "0.1," * 400 + "0.1", "1e400", "[0.1, 0.2]",
+])
+def test_bad_areas(app, client, raw):
+    response = post_job(client, method="extremal", areas=raw)
+    error = assert_error(response, 400, field="areas", code="invalid_value")
+    assert "areas" in error["message"]
+    assert_nothing_stored(app)
+
+
+@pytest.mark.parametrize("raw, stored", [("1", None), ("2", 2), ("5", 5), (" 3 ", 3)])
+def test_top_k_accepted(app, client, raw, stored):
+    response = post_job(client, top_k=raw)
+    assert response.status_code == 202, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["top_k"] == (stored or 1)
+    assert body["targets"] is None and body["target"] == {"index": None, "label": None}
+    [job] = rows(app)
+    assert job.top_k == stored and job.targets is None
+
+
+@pytest.mark.parametrize("raw", ["0", "6", "-1", "abc", "1.5", "", "2e0", "99999999999999"])
+def test_bad_top_k(app, client, raw):
+    error = assert_error(post_job(client, top_k=raw), 400, field="top_k", code="invalid_value")
+    assert "top_k" in error["message"]
+    assert_nothing_stored(app)
+
+
+@pytest.mark.parametrize("raw, indices", [
+    ("flute, 683", [558, 683]),
+    ("558", [558]),
+    (" Flute ,oboe, 0 ", [558, 683, 0]),
+    ("1,2,3,4,5", [1, 2, 3, 4, 5]),
+])
+def test_targets_accepted(app, client, raw, indices):
+    from shared.models.labels import imagenet_labels
+
+    labels = imagenet_labels()
+    response = post_job(client, targets=raw)
+    assert response.status_code == 202, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["targets"] == indices
+    assert body["target"] == {"index": indices[0], "label": labels[indices[0]]}
+    assert body["top_k"] == 1
+    [job] = rows(app)
+    assert job.targets == indices
+    assert (job.target_index, job.target_label) == (indices[0], labels[indices[0]])
+    assert job.top_k is None
+
+
+def test_blank_targets_mean_not_given(app, client):
+    response = post_job(client, targets="  ", target="flute")
+    assert response.status_code == 202, response.get_data(as_text=True)
+    [job] = rows(app)
+    assert job.targets is None and job.target_index == 558
+
+
+@pytest.mark.parametrize("raw, words", [
+    ("1000", "out of range"),
+    ("flute,flute", "distinct"),
+    ("558, Flute", "distinct"),
+    ("flute,,oboe", "empty"),
+    ("flute,", "empty"),
+    ("1,2,3,4,5,6", "1 to 5"),
+    ("flute, no such class", "no such class"),
+    ("-1", "targets"),
+    ("558.0", "targets"),
+    ("x" * 2000, "too long"),
+])
+def test_bad_targets(app, client, raw, words):
+    error = assert_error(post_job(client, targets=raw), 400, field="targets",
+                         code="invalid_value")
+    assert words in error["message"], error
+    assert_nothing_stored(app)
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"targets": "flute,oboe", "target": "flute"}, "targets"),
+    ({"targets": "558", "target": "1"}, "targets"),
+    ({"targets": "flute,oboe", "top_k": "2"}, "targets"),
+    ({"target": "flute", "top_k": "3"}, "top_k"),
+])
+def test_conflicting_target_fields(app, client, fields, field):
+    error = assert_error(post_job(client, **fields), 400, field=field, code="invalid_value")
+    assert field in error["message"]
+    assert_nothing_stored(app)
+
+
+def test_targets_with_top_k_one_is_fine(app, client):
+    response = post_job(client, targets="flute,oboe", top_k="1", target="")
+    assert response.status_code == 202, response.get_data(as_text=True)
+    [job] = rows(app)
+    assert job.targets == [558, 683] and job.top_k is None
+
+
+@pytest.mark.parametrize("field, value", [
+    ("targets", "flute"), ("top_k", "2"), ("areas", "0.1"), ("method", "extremal")])
+def test_new_fields_given_twice_are_rejected(app, client, field, value):
+    from werkzeug.datastructures import MultiDict
+
+    data = MultiDict([("image", (io.BytesIO(png()), "a.png")), (field, value), (field, value)])
+    response = client.post("/api/v1/jobs", data=data, content_type="multipart/form-data")
+    error = assert_error(response, 400, field=field)
+    assert "more than once" in error["message"]
+    assert_nothing_stored(app)
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _finish_with_results(app, job_id, *, method="meaningful_perturbation",
+                         targets=((558, "flute"), (683, "oboe")), gradcam=True):
+    """A succeeded job with ``Job.results`` and the files of every target."""
+    from web.testing import sample_result, write_result_files
+
+    storage = app.extensions["ebb"].storage
+    folder = storage.job_dir(job_id)
+    files = [write_result_files(folder, k, extremal=method == "extremal", gradcam=gradcam)
+             for k in range(len(targets))]
+    results = [sample_result(index, label, method=method, before=0.9 - 0.3 * k,
+                             after=0.02 + 0.01 * k)
+               for k, (index, label) in enumerate(targets)]
+    if not gradcam:
+        for result in results:
+            result["gradcam"] = None
+    now = datetime.now(timezone.utc)
+    set_job(app, job_id, status="succeeded", started_at=now - timedelta(seconds=3),
+            finished_at=now, progress_iteration=20, score_before=0.9, score_after=0.02,
+            target_index=targets[0][0], target_label=targets[0][1],
+            top5=results[0]["top5"], results=results, timings={"total_s": 3.0})
+    return results, files
+
+
+def test_results_metrics_and_artifacts(app, client):
+    job_id = post_job(client, targets="flute,oboe", iterations=20).get_json()["id"]
+    results, files = _finish_with_results(app, job_id)
+    body = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    assert body["targets"] == [558, 683] and body["top_k"] == 1
+
+    # metrics: the primary target's, with the Grad-CAM baseline's
+    metrics = body["metrics"]
+    assert set(metrics) == {"deletion_auc", "insertion_auc", "curves", "seconds", "gradcam"}
+    assert metrics["deletion_auc"] == results[0]["metrics"]["deletion_auc"]
+    assert metrics["insertion_auc"] == results[0]["metrics"]["insertion_auc"]
+    assert metrics["seconds"] == 0.4
+    assert metrics["curves"] == results[0]["metrics"]["curves"]
+    assert len(metrics["curves"]["fraction"]) == 29
+    assert metrics["gradcam"] == results[0]["gradcam"]
+    assert metrics["deletion_auc"] < metrics["gradcam"]["deletion_auc"]
+
+    # results: one per target, with its own artifacts
+    assert len(body["results"]) == 2
+    for k, (result, raw) in enumerate(zip(body["results"], results)):
+        assert set(result) == {"target", "method", "scores", "top5", "metrics", "gradcam",
+                               "areas", "artifacts"}
+        assert result["target"] == raw["target"]
+        assert result["method"] == "meaningful_perturbation"
+        assert result["scores"] == raw["scores"]
+        assert result["top5"] == raw["top5"]
+        assert result["metrics"] == raw["metrics"] and result["gradcam"] == raw["gradcam"]
+        assert result["areas"] is None
+        assert set(result["artifacts"]) == set(body["artifacts"])
+        for key, url in result["artifacts"].items():
+            if key == "areas_png":
+                assert url is None
+                continue
+            assert url == f"/api/v1/jobs/{job_id}/results/{k}/artifacts/{key}"
+            response = client.get(url)
+            assert response.status_code == 200, url
+            from web.jobs import ARTIFACTS
+
+            assert response.data == files[k][ARTIFACTS[key]]
+            assert response.headers["Cache-Control"] == "no-cache"
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+    # The top level: the first target's files, extras included.
+    assert body["artifacts"]["gradcam_png"] == f"/api/v1/jobs/{job_id}/artifacts/gradcam_png"
+    assert client.get(body["artifacts"]["gradcam_png"]).data == files[0]["gradcam.png"]
+    assert body["artifacts"]["areas_png"] is None
+    # By file name too, and as a download.
+    by_name = client.get(f"/api/v1/jobs/{job_id}/results/1/artifacts/gradcam.png?download=1")
+    assert by_name.status_code == 200 and by_name.mimetype == "image/png"
+    assert by_name.data == files[1]["gradcam.png"]
+    assert "attachment" in by_name.headers["Content-Disposition"]
+    assert "result1-gradcam.png" in by_name.headers["Content-Disposition"]
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(body, _job_schema(client))
+
+
+def test_extremal_results_have_areas(app, client):
+    job_id = post_job(client, method="extremal", areas="0.05,0.1,0.2").get_json()["id"]
+    results, files = _finish_with_results(app, job_id, method="extremal",
+                                          targets=((558, "flute"),))
+    body = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    [result] = body["results"]
+    assert result["method"] == "extremal"
+    assert [a["area"] for a in result["areas"]] == [0.05, 0.1, 0.2]
+    assert result["areas"] == results[0]["areas"]
+    url = result["artifacts"]["areas_png"]
+    assert url == f"/api/v1/jobs/{job_id}/results/0/artifacts/areas_png"
+    assert client.get(url).data == files[0]["areas.png"]
+    assert body["artifacts"]["areas_png"] == f"/api/v1/jobs/{job_id}/artifacts/areas_png"
+
+
+def test_result_artifact_route_errors(app, client):
+    job_id = post_job(client, iterations=20).get_json()["id"]
+    # Not finished yet: no result files, k=0 is the (empty) top folder.
+    assert_error(client.get(f"/api/v1/jobs/{job_id}/results/0/artifacts/mask_png"), 404)
+    assert_error(client.get(f"/api/v1/jobs/{job_id}/results/1/artifacts/mask_png"), 404,
+                 field="k")
+    _finish_with_results(app, job_id)
+    base = f"/api/v1/jobs/{job_id}/results"
+    assert client.get(f"{base}/0/artifacts/mask_png").status_code == 200
+    assert client.get(f"{base}/1/artifacts/mask_png").status_code == 200
+    for k in ("2", "5", "99999999999999999999999"):
+        assert_error(client.get(f"{base}/{k}/artifacts/mask_png"), 404, field="k",
+                     code="not_found")
+    for k in ("-1", "x", "1.0", "%2e%2e", ""):
+        response = client.get(f"{base}/{k}/artifacts/mask_png")
+        assert response.status_code == 404 and response.is_json, k
+    for name in ("mask", "ebb.sqlite3", "..", "%2e%2e", "thumbnail", "result.json.bak"):
+        assert_error(client.get(f"{base}/1/artifacts/{name}"), 404, code="not_found")
+    assert_error(client.get(f"{base}/1/artifacts/areas_png"), 404)  # not written
+    for path in (f"{base}/1/artifacts/../../../ebb.sqlite3", f"{base}/1/../0/artifacts/mask.png",
+                 f"{base}/1/artifacts/sub/mask.png"):
+        response = client.get(path)
+        assert response.status_code == 404 or b"SQLite" not in response.data, path
+        assert b"SQLite" not in response.data
+    assert_error(client.get(f"/api/v1/jobs/{uuid.uuid4()}/results/0/artifacts/mask_png"), 404)
+    assert client.post(f"{base}/0/artifacts/mask_png").status_code == 405
+
+
+def test_result_artifacts_hidden_until_succeeded(app, client):
+    job_id = post_job(client, iterations=20).get_json()["id"]
+    _finish_with_results(app, job_id)
+    set_job(app, job_id, status="running")
+    body = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    assert len(body["results"]) == 2
+    assert all(url is None for r in body["results"] for url in r["artifacts"].values())
+    assert all(url is None for url in body["artifacts"].values())
+
+
+def test_job_without_gradcam(app, client):
+    job_id = post_job(client, iterations=20).get_json()["id"]
+    _finish_with_results(app, job_id, targets=((558, "flute"),), gradcam=False)
+    body = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    assert body["metrics"]["gradcam"] is None
+    assert body["metrics"]["deletion_auc"] is not None
+    assert body["results"][0]["artifacts"]["gradcam_png"] is None
+
+
+@pytest.mark.parametrize("stored", [
+    "not a list",
+    {"a": 1},
+    [None, 3, "x"],
+    [{"target": "flute", "scores": [1], "metrics": "x", "gradcam": 5, "areas": {"a": 1},
+      "top5": [1, 2], "method": 7}],
+    [{"target": {"index": True, "label": 5},
+      "scores": {"before": float("nan"), "after": float("inf")},
+      "metrics": {"deletion_auc": float("-inf"), "insertion_auc": "0.5", "seconds": None,
+                  "curves": {"fraction": [0, 0.5, float("nan"), 1], "deletion": [1, "x", None],
+                             "insertion": "no"}},
+      "gradcam": {"deletion_auc": 0.3, "insertion_auc": 0.6,
+                  "curves": {"fraction": [0, 1], "deletion": [1, float("nan")],
+                             "insertion": [0, 1]}},
+      "areas": [{"area": float("nan"), "area_achieved": "x"}, "junk", None],
+      "top5": {"before": [{"index": "1", "label": ["x"], "prob": float("nan")}, 5],
+               "after": "x"}}],
+])
+def test_malformed_results_are_cleaned(app, client, stored):
+    jsonschema = pytest.importorskip("jsonschema")
+    job_id = post_job(client, iterations=20).get_json()["id"]
+    _finish_with_results(app, job_id, targets=((558, "flute"),))
+    set_job(app, job_id, results=stored, targets=["x", 5, True, None], top_k=-2)
+    response = client.get(f"/api/v1/jobs/{job_id}")
+    assert response.status_code == 200
+    text = response.get_data(as_text=True)
+    assert "NaN" not in text and "Infinity" not in text
+    body = json.loads(text)
+    jsonschema.validate(body, _job_schema(client))
+    assert body["targets"] == [5] and body["top_k"] == 1
+    if not isinstance(stored, list):
+        assert body["results"] == [] and body["metrics"] is None
+        return
+    assert len(body["results"]) == len(stored)
+    first = body["results"][0]
+    if isinstance(stored[0], dict) and isinstance(stored[0].get("scores"), dict):
+        assert first["target"] == {"index": None, "label": None}
+        assert first["scores"] == {"before": None, "after": None}
+        assert first["metrics"]["deletion_auc"] is None
+        assert first["metrics"]["insertion_auc"] == 0.5
+        assert first["metrics"]["curves"] is None  # insertion is not a list
+        assert first["gradcam"]["curves"] == {"fraction": [0, 1], "deletion": [1, None],
+                                              "insertion": [0, 1]}
+        assert first["areas"] == [{"area": None, "area_achieved": None, "score_after": None}]
+        assert first["top5"] == {"before": [{"index": None, "label": None, "prob": None}],
+                                 "after": None}
+        assert body["metrics"]["gradcam"]["deletion_auc"] == 0.3
+    # k=0 stays the top folder; the rest exist as results but have no files.
+    base = f"/api/v1/jobs/{job_id}/results"
+    assert client.get(f"{base}/0/artifacts/mask_png").status_code == 200
+    if len(stored) > 1:
+        assert_error(client.get(f"{base}/1/artifacts/mask_png"), 404)
+    # The page renders too.
+    page = client.get(f"/jobs/{job_id}")
+    assert page.status_code == 200
 
 
 # --------------------------------------------------------------------------- cancel
@@ -769,8 +1136,17 @@ def test_openapi_document(client):
     assert "Unknown form fields are ignored" in doc["info"]["description"]
     paths = doc["paths"]
     for path in ("/jobs", "/jobs/{job_id}", "/jobs/{job_id}/cancel",
-                 "/jobs/{job_id}/artifacts/{name}", "/models", "/openapi.json"):
+                 "/jobs/{job_id}/artifacts/{name}", "/jobs/{job_id}/results/{k}/artifacts/{name}",
+                 "/models", "/openapi.json"):
         assert path in paths, path
+    fields = paths["/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"][
+        "properties"]
+    assert fields["method"]["enum"] == ["meaningful_perturbation", "extremal"]
+    assert fields["top_k"]["minimum"] == 1 and fields["top_k"]["maximum"] == 5
+    assert fields["areas"]["type"] == "string" and fields["targets"]["type"] == "string"
+    result_artifact = paths["/jobs/{job_id}/results/{k}/artifacts/{name}"]["get"]
+    assert {"200", "404"} <= set(result_artifact["responses"])
+    assert result_artifact["operationId"] == "getResultArtifact"
     assert set(paths["/jobs"]) == {"get", "post"}
     assert {"202", "400", "413", "503"} <= set(paths["/jobs"]["post"]["responses"])
     assert {"200", "400"} <= set(paths["/jobs"]["get"]["responses"])
@@ -794,7 +1170,10 @@ def test_openapi_document(client):
     validator = pytest.importorskip("openapi_spec_validator")
     validator.validate(doc)
     job_schema = doc["components"]["schemas"]["Job"]
-    assert set(job_schema["required"]) >= {"id", "status", "artifacts", "queue_position"}
+    assert set(job_schema["required"]) >= {"id", "status", "artifacts", "queue_position",
+                                           "metrics", "results", "targets", "top_k"}
+    assert set(job_schema["properties"]["artifacts"]["required"]) >= {
+        "gradcam_npy", "gradcam_png", "areas_png"}
 
 
 def test_job_json_matches_openapi_schema(app, client):
@@ -817,6 +1196,15 @@ def test_job_json_matches_openapi_schema(app, client):
     jsonschema.validate(client.get(f"/api/v1/jobs/{job_id}").get_json(), schema)
     _finish_with_artifacts(app, job_id)
     jsonschema.validate(client.get(f"/api/v1/jobs/{job_id}").get_json(), schema)
+    for method in ("meaningful_perturbation", "extremal"):
+        job_id = post_job(client, targets="flute,oboe", method=method).get_json()["id"]
+        _finish_with_results(app, job_id, method=method)
+        body = client.get(f"/api/v1/jobs/{job_id}").get_json()
+        assert len(body["results"]) == 2
+        jsonschema.validate(body, schema)
+    listed = client.get("/api/v1/jobs").get_json()["jobs"]
+    for body in listed:
+        jsonschema.validate(body, schema)
 
 
 def test_healthz_and_readyz(client):
