@@ -132,10 +132,12 @@ def _cmd_reap(args: argparse.Namespace) -> int:
     from shared import settings as settings_mod
     from shared.db.migrations import upgrade_database
     from shared.db.session import session_scope
-    from worker.reaper import reap_stale_jobs
+    from shared.storage import Storage
+    from worker.reaper import reap_stale_jobs, sweep_leftovers
     from worker.runtime import heartbeat_timeout_s, max_attempts
 
-    url = settings_mod.load().database_url
+    settings = settings_mod.load()
+    url = settings.database_url
     upgrade_database(url)
     with session_scope(url) as session:
         report = reap_stale_jobs(
@@ -144,7 +146,8 @@ def _cmd_reap(args: argparse.Namespace) -> int:
             max_attempts=args.max_attempts or max_attempts(),
             requeue_queued_after_s=args.requeue_queued_after,
         )
-    print(report.summary())
+    swept = sweep_leftovers(Storage(settings.data_dir).jobs_dir)
+    print(f"{report.summary()}, removed {len(swept)} leftover artifact folder(s)")
     return 0
 
 

@@ -3,10 +3,13 @@
 * A ``running`` job whose heartbeat is older than the timeout lost its worker
   (killed, machine gone): it is re-queued (the task re-sent) while it has
   attempts left, else failed with a reason.
-* A ``queued`` job whose message was sent long ago (default 30 min) is re-sent:
+* A ``queued`` job whose message was sent long ago (default 30 min,
+  ``EBB_RESEND_QUEUED_AFTER`` seconds; 0 never) is re-sent:
   Redis may have restarted and lost it. Duplicates are harmless, the task is
   idempotent. One queued for more than a day fails ("no worker took it").
 * A ``queued`` job with ``cancel_requested`` becomes ``cancelled``.
+* Hidden temporary artifact folders older than an hour, left by a worker
+  killed while writing, are deleted (:func:`sweep_leftovers`).
 
 Every change is a compare-and-set ``UPDATE``, so several workers may reap at
 once without double-sending. Runs periodically in every worker
@@ -16,11 +19,16 @@ once without double-sending. Runs periodically in every worker
 from __future__ import annotations
 
 import logging
+import math
+import os
+import shutil
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Mapping
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
@@ -169,17 +177,73 @@ def reap_stale_jobs(
     return report
 
 
+def resend_queued_after_s(environ: Mapping[str, str] | None = None) -> float | None:
+    """``EBB_RESEND_QUEUED_AFTER``: seconds after which a still-``queued`` job's
+    message is re-sent (default 1800; ``0`` never re-sends)."""
+    env = os.environ if environ is None else environ
+    raw = (env.get("EBB_RESEND_QUEUED_AFTER") or "").strip()
+    if not raw:
+        return DEFAULT_REQUEUE_QUEUED_AFTER_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"EBB_RESEND_QUEUED_AFTER must be a number of seconds, got {raw!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"EBB_RESEND_QUEUED_AFTER must be 0 or more seconds, got {raw!r}")
+    return value or None
+
+
+#: Hidden folders that artifact writes leave behind only when a worker dies
+#: mid-write (``shared.imaging.render.save_artifacts``).
+_LEFTOVER_PATTERNS = (".*.tmp-*", ".*.old-*")
+DEFAULT_LEFTOVER_AGE_S = 60 * 60.0
+
+
+def sweep_leftovers(jobs_dir: Path, older_than_s: float = DEFAULT_LEFTOVER_AGE_S,
+                    now: float | None = None) -> list[Path]:
+    """Delete temporary artifact folders in ``jobs_dir`` untouched for ``older_than_s``.
+
+    A worker killed while writing a job's artifacts leaves a hidden
+    ``.<job id>.tmp-*`` (or ``.<job id>.old-*``) folder; the job itself is
+    re-run and writes a fresh set. Younger folders may belong to a write in
+    progress and are kept. Returns the folders removed.
+    """
+    jobs_dir = Path(jobs_dir)
+    if not jobs_dir.is_dir():
+        return []
+    now = time.time() if now is None else now
+    removed = []
+    for pattern in _LEFTOVER_PATTERNS:
+        for path in jobs_dir.glob(pattern):
+            try:
+                if path.is_symlink() or not path.is_dir() or now - path.stat().st_mtime < older_than_s:
+                    continue
+                shutil.rmtree(path)
+            except OSError as error:
+                log.warning("could not remove leftover %s: %s", path, error)
+                continue
+            removed.append(path)
+    if removed:
+        log.info("removed %d leftover artifact folder(s)", len(removed))
+    return removed
+
+
 class ReaperThread(threading.Thread):
-    """Runs :func:`reap_stale_jobs` every ``interval_s`` until :meth:`stop`."""
+    """Runs :func:`reap_stale_jobs` (and :func:`sweep_leftovers` when given
+    ``jobs_dir``) every ``interval_s`` until :meth:`stop`."""
 
     def __init__(self, database_url: str, heartbeat_timeout_s: float, max_attempts: int,
-                 interval_s: float = DEFAULT_REAP_INTERVAL_S, send: Send | None = None):
+                 interval_s: float = DEFAULT_REAP_INTERVAL_S, send: Send | None = None,
+                 requeue_queued_after_s: float | None = DEFAULT_REQUEUE_QUEUED_AFTER_S,
+                 jobs_dir: Path | None = None):
         super().__init__(name="ebb-reaper", daemon=True)
         self.database_url = database_url
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.max_attempts = max_attempts
         self.interval_s = interval_s
         self.send = send
+        self.requeue_queued_after_s = requeue_queued_after_s
+        self.jobs_dir = jobs_dir
         self._stop_event = threading.Event()
 
     def stop(self) -> None:
@@ -192,6 +256,9 @@ class ReaperThread(threading.Thread):
             try:
                 with session_scope(self.database_url) as session:
                     reap_stale_jobs(session, self.heartbeat_timeout_s,
-                                    max_attempts=self.max_attempts, send=self.send)
+                                    max_attempts=self.max_attempts, send=self.send,
+                                    requeue_queued_after_s=self.requeue_queued_after_s)
+                if self.jobs_dir is not None:
+                    sweep_leftovers(self.jobs_dir)
             except Exception:  # noqa: BLE001 - keep reaping
                 log.exception("reaper pass failed")

@@ -47,7 +47,7 @@ def start_worker_process() -> None:
     global _reaper
     from shared import settings as settings_mod
     from shared.db.migrations import upgrade_database
-    from worker.reaper import DEFAULT_REAP_INTERVAL_S, ReaperThread
+    from worker.reaper import DEFAULT_REAP_INTERVAL_S, ReaperThread, resend_queued_after_s
     from worker.runtime import load_runtime
 
     if not logging.getLogger().handlers:
@@ -68,7 +68,9 @@ def start_worker_process() -> None:
         interval = float(os.environ.get("EBB_REAP_INTERVAL") or DEFAULT_REAP_INTERVAL_S)
         if interval > 0:
             _reaper = ReaperThread(settings.database_url, runtime.heartbeat_timeout_s,
-                                   runtime.max_attempts, interval_s=interval, send=_requeue)
+                                   runtime.max_attempts, interval_s=interval, send=_requeue,
+                                   requeue_queued_after_s=resend_queued_after_s(),
+                                   jobs_dir=runtime.storage.jobs_dir)
             _reaper.start()
 
 

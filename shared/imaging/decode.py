@@ -196,12 +196,19 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
     return DecodedImage(pixels=pixels, format=fmt, width=int(w), height=int(h))
 
 
-def encode_png(pixels: np.ndarray) -> bytes:
+#: zlib level of the PNGs we write: 1 is several times faster than Pillow's
+#: default (6) on photographs (about 0.7 s less per 720p overlay) for files
+#: some 10-20% larger; still lossless.
+PNG_COMPRESS_LEVEL = 1
+
+
+def encode_png(pixels: np.ndarray, compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
     """Encode an image array as PNG bytes (lossless).
 
     Args:
         pixels: ``uint8`` array of shape ``(H, W)`` (grayscale), ``(H, W, 3)``
             (RGB) or ``(H, W, 4)`` (RGBA), values 0-255, ``H, W >= 1``.
+        compress_level: zlib level 0 (none) to 9 (smallest, slowest).
 
     Returns:
         The PNG file content.
@@ -217,9 +224,11 @@ def encode_png(pixels: np.ndarray) -> bytes:
         raise ValueError(f"pixels must have shape (H, W), (H, W, 3) or (H, W, 4), got {pixels.shape}")
     if pixels.shape[0] < 1 or pixels.shape[1] < 1:
         raise ValueError(f"pixels must not be empty, got shape {pixels.shape}")
+    if isinstance(compress_level, bool) or not isinstance(compress_level, int) or not 0 <= compress_level <= 9:
+        raise ValueError(f"compress_level must be an integer from 0 to 9, got {compress_level!r}")
     out = io.BytesIO()
     # uint8 (H, W) -> "L", (H, W, 3) -> "RGB", (H, W, 4) -> "RGBA"
-    Image.fromarray(np.ascontiguousarray(pixels)).save(out, format="PNG")
+    Image.fromarray(np.ascontiguousarray(pixels)).save(out, format="PNG", compress_level=compress_level)
     return out.getvalue()
 
 

@@ -129,12 +129,17 @@ def test_ebb_run_serves_jobs_and_ctrl_c_stops_everything(tmp_path, queue_prefix,
 
 def test_ebb_reap_command(tmp_path):
     url = f"sqlite:///{tmp_path / 'reap.sqlite3'}"
+    leftover = tmp_path / "data" / "jobs" / ".0a.tmp-dead"
+    leftover.mkdir(parents=True)
+    os.utime(leftover, (1, 1))  # long ago: a worker died while writing it
     result = subprocess.run(
         [sys.executable, "-m", "shared.cli", "reap", "--heartbeat-timeout", "30"],
-        env={**os.environ, "DATABASE_URL": url}, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "DATABASE_URL": url, "DATA_DIR": str(tmp_path / "data")}, cwd=tmp_path,
+        capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "requeued 0, failed 0, resent 0, cancelled 0" in result.stdout
+    assert "requeued 0, failed 0, resent 0, cancelled 0, removed 1 leftover artifact folder(s)" in result.stdout
+    assert not leftover.exists()
 
 
 def test_cli_help_lists_the_commands():

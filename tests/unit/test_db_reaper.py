@@ -134,3 +134,34 @@ def test_timeout_must_be_positive(url):
 def test_summary_text(url):
     report, _ = reap(url)
     assert report.summary() == "requeued 0, failed 0, resent 0, cancelled 0"
+
+
+def test_resend_period_comes_from_the_environment():
+    from worker.reaper import DEFAULT_REQUEUE_QUEUED_AFTER_S, resend_queued_after_s
+
+    assert resend_queued_after_s({}) == DEFAULT_REQUEUE_QUEUED_AFTER_S
+    assert resend_queued_after_s({"EBB_RESEND_QUEUED_AFTER": "90"}) == 90.0
+    assert resend_queued_after_s({"EBB_RESEND_QUEUED_AFTER": "0"}) is None  # never re-send
+    for bad in ("soon", "-5", "nan"):
+        with pytest.raises(ValueError, match="EBB_RESEND_QUEUED_AFTER"):
+            resend_queued_after_s({"EBB_RESEND_QUEUED_AFTER": bad})
+
+
+def test_sweep_removes_only_old_leftover_folders(tmp_path):
+    import os
+    import time
+
+    from worker.reaper import sweep_leftovers
+
+    jobs = tmp_path / "jobs"
+    old_tmp, old_old, young, real = (jobs / ".a.tmp-x1", jobs / ".b.old-y2", jobs / ".c.tmp-z3", jobs / "d")
+    for folder in (old_tmp, old_old, young, real):
+        folder.mkdir(parents=True)
+        (folder / "mask.png").write_bytes(b"x")
+    hour_ago = time.time() - 3700
+    for folder in (old_tmp, old_old, real):
+        os.utime(folder, (hour_ago, hour_ago))
+    removed = sweep_leftovers(jobs)
+    assert sorted(p.name for p in removed) == [".a.tmp-x1", ".b.old-y2"]
+    assert sorted(p.name for p in jobs.iterdir()) == [".c.tmp-z3", "d"]  # in-progress and real kept
+    assert sweep_leftovers(tmp_path / "missing") == []
