@@ -164,7 +164,7 @@ def test_form_page(client):
 
 def test_static_assets_are_served(client):
     for path in ("/static/css/app.css", "/static/js/upload.js", "/static/js/job.js",
-                 "/static/favicon.svg"):
+                 "/static/js/results.js", "/static/favicon.svg"):
         response = client.get(path)
         assert response.status_code == 200, path
         assert response.data
@@ -451,3 +451,302 @@ def test_method_not_allowed_html(client):
     response = client.delete("/")
     assert response.status_code == 405
     assert response.mimetype == "text/html"
+
+
+# --------------------------------------------------------------------------- method, targets
+
+
+def test_form_has_method_areas_top_k_and_targets(client):
+    html = client.get("/").get_data(as_text=True)
+    page = Page(html)
+    [method] = page.find("select", name="method")
+    values = [o["value"] for o in page.find("option") if o.get("value") in (
+        "meaningful_perturbation", "extremal")]
+    assert values == ["meaningful_perturbation", "extremal"]
+    assert re.search(r'<option selected value="meaningful_perturbation">|'
+                     r'<option value="meaningful_perturbation" selected>', html)
+    [areas] = page.find("input", name="areas")
+    assert areas["value"] == "0.05, 0.1, 0.2"
+    [top_k] = page.find("input", name="top_k")
+    assert top_k["type"] == "number" and top_k["min"] == "1" and top_k["max"] == "5"
+    assert top_k["value"] == "1"
+    [targets] = page.find("input", name="targets")
+    assert "flute" in targets["placeholder"]
+    for text in ("Extremal", "most probable classes", "comma-separated", "fractions"):
+        assert text in html, text
+    assert "style=" not in html
+
+
+def test_form_submits_several_targets_and_extremal(app, client):
+    response = submit_form(client, image_bytes(), targets="flute, oboe", top_k="1",
+                           method="extremal", areas="0.1, 0.3")
+    assert response.status_code == 303, response.get_data(as_text=True)[:2000]
+    [job] = rows(app)
+    assert job.targets == [558, 683] and job.top_k is None
+    assert (job.target_index, job.target_label) == (558, "flute")
+    assert job.config["method"] == "extremal" and job.config["areas"] == [0.1, 0.3]
+    html = client.get(response.headers["Location"]).get_data(as_text=True)
+    assert re.search(r'id="targets">flute <span class="muted">\(#558\)</span>, oboe', html)
+    assert re.search(r'id="method">Extremal perturbations<', html)
+
+
+def test_form_top_k_and_blank_new_fields(app, client):
+    response = submit_form(client, image_bytes(), top_k="3", targets="", areas="")
+    assert response.status_code == 303
+    [job] = rows(app)
+    assert job.top_k == 3 and job.targets is None
+    assert job.config["areas"] == [0.05, 0.1, 0.2]
+    assert job.config["method"] == "meaningful_perturbation"
+    html = client.get(response.headers["Location"]).get_data(as_text=True)
+    assert "top-3 classes of the model" in html
+
+
+def test_form_blank_top_k_is_one(app, client):
+    response = submit_form(client, image_bytes(), top_k=" ", target="flute")
+    assert response.status_code == 303
+    [job] = rows(app)
+    assert job.top_k is None and job.target_index == 558
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"targets": "flute, flute"}, "targets"),
+    ({"targets": "flute, nope"}, "targets"),
+    ({"targets": "flute", "target": "oboe"}, "targets"),
+    ({"targets": "flute,oboe", "top_k": "2"}, "targets"),
+    ({"top_k": "9"}, "top_k"),
+    ({"top_k": "two"}, "top_k"),
+    ({"top_k": "2", "target": "flute"}, "top_k"),
+    ({"areas": "0.1,,0.2"}, "areas"),
+    ({"areas": "1.5"}, "areas"),
+    ({"areas": "0.1,0.1"}, "areas"),
+    ({"method": "gradcam"}, "method"),
+])
+def test_bad_new_fields_show_message_next_to_field(app, client, fields, field):
+    response = submit_form(client, image_bytes(), **fields)
+    assert response.status_code == 400
+    html = response.get_data(as_text=True)
+    match = re.search(rf'<div class="field has-error[^"]*">\s*<label for="{field}"(.*?)</div>',
+                      html, re.S)
+    assert match, field
+    assert 'class="field-error"' in match.group(1)
+    assert field in match.group(1)  # the message names the field
+    assert_nothing_stored(app)
+
+
+# --------------------------------------------------------------------------- result cards
+
+
+def _succeed_with_results(app, job_id, *, method="meaningful_perturbation",
+                          targets=((558, "flute"), (683, "oboe")), gradcam=True):
+    from web.testing import sample_result, write_result_files
+
+    _succeed(app, job_id)
+    folder = app.extensions["ebb"].storage.job_dir(job_id)
+    for k in range(len(targets)):
+        write_result_files(folder, k, extremal=method == "extremal", gradcam=gradcam)
+    results = [sample_result(index, label, method=method, before=0.93 - 0.4 * k)
+               for k, (index, label) in enumerate(targets)]
+    if not gradcam:
+        for result in results:
+            result["gradcam"] = None
+    set_job(app, job_id, results=results, targets=[t[0] for t in targets])
+    return results
+
+
+class Svg(HTMLParser):
+    """Paths (class, d) and titles of each ``svg.curves`` of a page."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.charts: list[dict] = []
+        self._in_title = False
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "svg" and "curves" in (attrs.get("class") or "").split():
+            self.charts.append({"attrs": attrs, "paths": [], "titles": []})
+        elif self.charts and tag == "path":
+            self.charts[-1]["paths"].append(attrs)
+        elif self.charts and tag == "title":
+            self._in_title = True
+
+    def handle_endtag(self, tag):
+        if tag == "title":
+            self._in_title = False
+
+    def handle_data(self, data):
+        if self._in_title and self.charts:
+            self.charts[-1]["titles"].append(data)
+
+
+def test_result_cards_side_by_side(app, client):
+    job_id = new_job(client)
+    results = _succeed_with_results(app, job_id)
+    html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    page = Page(html)
+    assert page.find("div", id="result-cards", **{"class": "result-grid"})
+    cards = [a for t, a in page.tags if t == "article" and "data-result" in a]
+    assert [c["data-result"] for c in cards] == ["0", "1"]
+    assert "2 explanations side by side" in html
+    assert re.search(r'class="result-label">flute</span> <span class="muted result-index">#558<',
+                     html)
+    assert re.search(r'class="result-label">oboe</span> <span class="muted result-index">#683<',
+                     html)
+    assert re.search(r'id="targets">flute <span class="muted">\(#558\)</span>, oboe', html)
+    assert re.search(r'class="score-before">0\.930</span>.*?class="score-after">0\.020<', html,
+                     re.S)
+    # Perturbation overlay next to the Grad-CAM overlay, per target, all served.
+    for k in (0, 1):
+        [overlay] = page.find("img", **{"class": "result-overlay",
+                                        "src": f"/api/v1/jobs/{job_id}/results/{k}/artifacts/overlay_png"})
+        [gradcam] = page.find("img", **{"class": "result-gradcam",
+                                        "src": f"/api/v1/jobs/{job_id}/results/{k}/artifacts/gradcam_png"})
+        for img in (overlay, gradcam):
+            response = client.get(img["src"])
+            assert response.status_code == 200 and response.mimetype == "image/png"
+            assert img["alt"]
+    assert not page.find("img", **{"class": "result-areas"})  # not extremal
+    # AUCs of both maps, the better one marked, and a verdict.
+    expected = f'{results[0]["metrics"]["deletion_auc"]:.3f}'
+    assert re.search(rf'class="auc deletion-mask better">{expected} ', html)
+    assert re.search(r'class="auc insertion-mask better">', html)
+    assert "lower is better" in html and "higher is better" in html
+    assert html.count("More faithful: the perturbation mask") == 2
+    # The charts: one SVG per result, four curves each (Grad-CAM dashed via CSS).
+    charts = Svg(html).charts
+    assert [c["attrs"]["id"] for c in charts] == ["curves-0", "curves-1"]
+    for chart, label in zip(charts, ("flute", "oboe")):
+        assert chart["attrs"]["role"] == "img"
+        assert chart["attrs"]["aria-labelledby"]
+        assert f"Deletion and insertion curves for {label}" in chart["titles"]
+        classes = sorted(p["class"] for p in chart["paths"])
+        assert classes == ["curve deletion gradcam", "curve deletion mask",
+                           "curve insertion gradcam", "curve insertion mask"]
+        for path in chart["paths"]:
+            points = re.findall(r"[ML]([\d.]+),([\d.]+)", path["d"])
+            assert len(points) == 29 and path["d"].startswith("M")
+            xs = [float(x) for x, _ in points]
+            assert xs == sorted(xs) and xs[0] == 44.0 and xs[-1] == 348.0
+    assert html.count('class="curve-legend"') == 2
+    css = client.get("/static/css/app.css").get_data(as_text=True)
+    assert ".curve.gradcam { stroke-dasharray" in css
+    # JS redraws them from the API; no inline script or style anywhere.
+    assert page.find("script", src="/static/js/results.js")
+    assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", html)
+    assert "style=" not in html
+    # Downloads list every target's files.
+    downloads = [a["href"] for a in page.find("a") if "download" in a]
+    assert f"/api/v1/jobs/{job_id}/results/1/artifacts/gradcam_png?download=1" in downloads
+    assert f"/api/v1/jobs/{job_id}/artifacts/gradcam_png?download=1" in downloads
+
+
+def test_extremal_card_shows_areas(app, client):
+    job_id = new_job(client)
+    results = _succeed_with_results(app, job_id, method="extremal", targets=((558, "flute"),))
+    set_job(app, job_id, config={"method": "extremal", "areas": [0.05, 0.1, 0.2]})
+    html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    page = Page(html)
+    [strip] = page.find("img", **{"class": "result-areas"})
+    assert strip["src"] == f"/api/v1/jobs/{job_id}/results/0/artifacts/areas_png"
+    assert client.get(strip["src"]).status_code == 200
+    rows_html = re.findall(r'<tr class="area-row"><td>([^<]+)</td><td>([^<]+)</td>'
+                           r'<td>([^<]+)</td></tr>', html)
+    assert [r[0] for r in rows_html] == ["5.0%", "10.0%", "20.0%"]
+    assert rows_html[0][1] == "5.1%"
+    assert rows_html[0][2] == f'{results[0]["areas"][0]["score_after"]:.3f}'
+    assert "Explanation and its faithfulness" in html
+    assert re.search(r'class="chip result-method">Extremal perturbations<', html)
+    assert re.search(r'id="method">Extremal perturbations<', html)
+
+
+def test_card_without_gradcam_or_curves(app, client):
+    job_id = new_job(client)
+    _succeed_with_results(app, job_id, targets=((558, "flute"),), gradcam=False)
+    html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    assert "No Grad-CAM" in html
+    [chart] = Svg(html).charts
+    assert sorted(p["class"] for p in chart["paths"]) == ["curve deletion mask",
+                                                          "curve insertion mask"]
+    assert 'class="auc deletion-gradcam">–<' in html
+    set_job(app, job_id, results=[{"target": {"index": 558, "label": "flute"}}])
+    html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    assert Svg(html).charts == []
+    assert 'data-result="0"' in html and "No deletion/insertion curves" in html
+
+
+def test_succeeded_job_without_results_has_no_cards(app, client):
+    job_id = new_job(client)
+    _succeed(app, job_id)
+    html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    assert 'id="faithfulness"' not in html and "data-result" not in html
+    assert not Page(html).find("script", src="/static/js/results.js")
+
+
+def test_running_job_with_results_shows_no_cards_yet(app, client):
+    job_id = new_job(client)
+    _succeed_with_results(app, job_id)
+    set_job(app, job_id, status="running")
+    html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    assert "data-result" not in html
+
+
+def test_results_js_is_served(client):
+    response = client.get("/static/js/results.js")
+    assert response.status_code == 200
+    text = response.get_data(as_text=True)
+    # The same geometry as web/charts.py.
+    from web import charts
+
+    assert (f"var WIDTH = {charts.WIDTH}, HEIGHT = {charts.HEIGHT}, LEFT = {charts.LEFT}, "
+            f"RIGHT = {charts.RIGHT}, TOP = {charts.TOP}, BOTTOM = {charts.BOTTOM};") in text
+    assert "curves" in text and "data-rendered" in text
+
+
+# --------------------------------------------------------------------------- chart helpers
+
+
+def test_chart_geometry():
+    from web import charts
+
+    assert charts.y_max([0.93, 0.2]) == 1.0
+    assert charts.y_max([0.03, None, float("nan")]) == 0.05
+    assert charts.y_max([]) == 0.01
+    assert charts.y_max([1.7]) == 2.0
+    d = charts.path_data([0, 0.5, 1], [1.0, 0.5, 0.0], 1.0)
+    assert d == (f"M{charts.LEFT:.1f},{charts.TOP:.1f} "
+                 f"L{charts.LEFT + charts.PLOT_W / 2:.1f},{charts.TOP + charts.PLOT_H / 2:.1f} "
+                 f"L{charts.LEFT + charts.PLOT_W:.1f},{charts.TOP + charts.PLOT_H:.1f}")
+    # A missing point breaks the line; out-of-range values are clamped.
+    broken = charts.path_data([0, 0.5, 1, 1.5], [0.2, None, 0.4, 9], 1.0)
+    assert broken.count("M") == 2 and "L" in broken
+    assert charts.curves_chart({"metrics": None, "gradcam": None}) is None
+    chart = charts.curves_chart({"metrics": {"curves": {"fraction": [0, 1], "deletion": [0.1, 0],
+                                                        "insertion": [0, 0.1]}}})
+    assert [s["name"] for s in chart["series"]] == ["Deletion, Perturbation mask",
+                                                   "Insertion, Perturbation mask"]
+    assert chart["y_max"] == 0.1
+    assert [t["label"] for t in chart["y_ticks"]] == ["0", "0.05", "0.1"]
+    assert [t["label"] for t in chart["x_ticks"]] == ["0%", "25%", "50%", "75%", "100%"]
+
+
+@pytest.mark.parametrize("mask, gradcam, deletion, insertion, words", [
+    ((0.1, 0.8), (0.3, 0.6), "mask", "mask", "More faithful: the perturbation mask"),
+    ((0.3, 0.6), (0.1, 0.8), "gradcam", "gradcam", "More faithful: Grad-CAM"),
+    ((0.1, 0.5), (0.3, 0.8), "mask", "gradcam", "Mixed"),
+    ((0.1, None), (0.3, 0.8), "mask", None, "perturbation mask by deletion"),
+    ((0.2, 0.5), (0.2, 0.5), "tie", "tie", "same"),
+    ((None, None), None, None, None, None),
+])
+def test_faithfulness_verdict(mask, gradcam, deletion, insertion, words):
+    from web import charts
+
+    def metrics(pair):
+        return None if pair is None else {"deletion_auc": pair[0], "insertion_auc": pair[1]}
+
+    verdict = charts.verdict({"metrics": metrics(mask), "gradcam": metrics(gradcam)})
+    assert verdict["deletion"] == deletion and verdict["insertion"] == insertion
+    if words is None:
+        assert verdict["summary"] is None
+    else:
+        assert words in verdict["summary"]
