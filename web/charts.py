@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 #: SVG user units (the element scales with CSS).
 WIDTH, HEIGHT = 360, 220
-LEFT, RIGHT, TOP, BOTTOM = 44, 12, 12, 36
+LEFT, RIGHT, TOP, BOTTOM = 50, 12, 12, 36
 PLOT_W = WIDTH - LEFT - RIGHT
 PLOT_H = HEIGHT - TOP - BOTTOM
 #: Upper ends the probability axis may take (the smallest that fits is used).

@@ -614,6 +614,8 @@ def test_result_cards_side_by_side(app, client):
     assert "lower is better" in html and "higher is better" in html
     assert html.count("More faithful: the perturbation mask") == 2
     # The charts: one SVG per result, four curves each (Grad-CAM dashed via CSS).
+    from web import charts as geometry
+
     charts = Svg(html).charts
     assert [c["attrs"]["id"] for c in charts] == ["curves-0", "curves-1"]
     for chart, label in zip(charts, ("flute", "oboe")):
@@ -627,7 +629,8 @@ def test_result_cards_side_by_side(app, client):
             points = re.findall(r"[ML]([\d.]+),([\d.]+)", path["d"])
             assert len(points) == 29 and path["d"].startswith("M")
             xs = [float(x) for x, _ in points]
-            assert xs == sorted(xs) and xs[0] == 44.0 and xs[-1] == 348.0
+            assert xs == sorted(xs)
+            assert xs[0] == geometry.LEFT and xs[-1] == geometry.WIDTH - geometry.RIGHT
     assert html.count('class="curve-legend"') == 2
     css = client.get("/static/css/app.css").get_data(as_text=True)
     assert ".curve.gradcam { stroke-dasharray" in css

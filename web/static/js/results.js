@@ -10,7 +10,7 @@
   var NS = "http://www.w3.org/2000/svg";
 
   // Keep in sync with web/charts.py.
-  var WIDTH = 360, HEIGHT = 220, LEFT = 44, RIGHT = 12, TOP = 12, BOTTOM = 36;
+  var WIDTH = 360, HEIGHT = 220, LEFT = 50, RIGHT = 12, TOP = 12, BOTTOM = 36;
   var PW = WIDTH - LEFT - RIGHT, PH = HEIGHT - TOP - BOTTOM;
   var Y_MAXES = [0.01, 0.02, 0.05, 0.1, 0.2, 0.25, 0.5, 1.0];
   var X_TICKS = [0, 0.25, 0.5, 0.75, 1];
