@@ -93,6 +93,13 @@ class Submission:
     #: Explain the ``top_k`` most probable classes (None: just one).
     top_k: int | None = None
 
+    @property
+    def target_count(self) -> int:
+        """How many classes the job explains."""
+        if self.targets:
+            return len(self.targets)
+        return self.top_k if self.top_k and self.top_k > 1 else 1
+
 
 class SubmissionErrors(Exception):
     """Validation failures, field -> (code, message), in :data:`FIELD_ORDER`."""
@@ -394,7 +401,9 @@ def create_job(db: Session, storage: Any, sub: Submission) -> Job:
         image_height=sub.height,
         image_filename=sub.filename,
         progress_iteration=0,
-        progress_total=sub.config.iterations,
+        # The worker counts the iterations of every target (a top-3 job of 500
+        # iterations counts to 1500); start with the same total.
+        progress_total=sub.config.iterations * sub.target_count,
         created_at=now,
         enqueued_at=now,
     )

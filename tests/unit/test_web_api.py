@@ -731,6 +731,7 @@ def test_top_k_accepted(app, client, raw, stored):
     body = response.get_json()
     assert body["top_k"] == (stored or 1)
     assert body["targets"] is None and body["target"] == {"index": None, "label": None}
+    assert body["progress"]["total"] == 500 * (stored or 1)  # every target's iterations
     [job] = rows(app)
     assert job.top_k == stored and job.targets is None
 
@@ -758,6 +759,7 @@ def test_targets_accepted(app, client, raw, indices):
     assert body["targets"] == indices
     assert body["target"] == {"index": indices[0], "label": labels[indices[0]]}
     assert body["top_k"] == 1
+    assert body["progress"]["total"] == 500 * len(indices)
     [job] = rows(app)
     assert job.targets == indices
     assert (job.target_index, job.target_label) == (indices[0], labels[indices[0]])
