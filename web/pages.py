@@ -128,6 +128,10 @@ _PRETTY = {
     "total_s": "Total",
     "queued_s": "Waited in queue",
     "seconds": "Explanation",
+    "metrics_s": "Deletion/insertion scoring",
+    "gradcam_s": "Grad-CAM baseline",
+    "scoring_s": "Faithfulness (total)",
+    "top_k": "Top-k",
 }
 
 

@@ -90,7 +90,12 @@ def test_upload_watch_progress_and_see_results(e2e_stack, page, flute_image):
     after = page.inner_text("#score-after")
     assert float(before) > float(after), (before, after)
     assert page.locator(".chart .bar-row").count() >= 2
-    assert page.locator(".downloads a").count() == 7
+    # Six result files, the Grad-CAM map and overlay, and job.json.
+    assert page.locator(".downloads a").count() == 9
+
+    # The faithfulness card: Grad-CAM next to the mask, both curves drawn.
+    _assert_result_card(page, 0, gradcam=True)
+    assert "More faithful" in page.inner_text('[data-result="0"] .verdict')
     page.screenshot(path=str(DOCS / "screenshot-result.png"), full_page=True)
 
     # The job list shows it with a thumbnail that renders.
@@ -100,6 +105,103 @@ def test_upload_watch_progress_and_see_results(e2e_stack, page, flute_image):
     page.wait_for_function(
         "() => [...document.querySelectorAll('img.thumb')].every(i => i.complete && i.naturalWidth > 0)"
     )
+    assert _csp_problems(page) == []
+
+
+def _assert_result_card(page, k: int, *, gradcam: bool) -> list[str]:
+    """Result card ``k`` shows the mask's overlay (and Grad-CAM's) as images
+    that really render, its AUCs, and the deletion/insertion chart drawn by
+    results.js from the API, with path data. Returns the curves' classes."""
+    card = f'[data-result="{k}"]'
+    page.wait_for_selector(f"{card} svg.curves path.curve")
+    images = f"{card} img.result-overlay" + (f", {card} img.result-gradcam" if gradcam else "")
+    page.wait_for_function(
+        "sel => { const els = [...document.querySelectorAll(sel)];"
+        " return els.length > 0 && els.every(i => i.complete && i.naturalWidth > 0); }",
+        arg=images)
+    assert page.locator(images).count() == (2 if gradcam else 1)
+    # results.js replaces the server-rendered chart once the API answered.
+    page.wait_for_selector(f'{card} svg.curves[data-rendered="js"]')
+    chart = page.locator(f"{card} svg.curves")
+    assert chart.count() == 1
+    assert "Deletion and insertion curves" in chart.locator("title").first.text_content()
+    paths = page.eval_on_selector_all(
+        f"{card} svg.curves path.curve",
+        "els => els.map(e => [e.getAttribute('class'), e.getAttribute('d'),"
+        " e.getTotalLength()])")
+    expected = {"curve deletion mask", "curve insertion mask"}
+    if gradcam:
+        expected |= {"curve deletion gradcam", "curve insertion gradcam"}
+    assert {c for c, _, _ in paths} == expected, paths
+    for cls, d, length in paths:
+        assert d.startswith("M") and d.count("L") >= 10, (cls, d)
+        assert length > 50, (cls, length)
+    aucs = page.eval_on_selector_all(f"{card} td.auc", "els => els.map(e => e.textContent)")
+    numbers = [float(t.split()[0]) for t in aucs if t.split() and t.split()[0] != "–"]
+    assert len(numbers) == (4 if gradcam else 2), aucs
+    assert all(0 <= n <= 1 for n in numbers), aucs
+    # A hover read-out over the chart.
+    chart.scroll_into_view_if_needed()
+    box = chart.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+    page.wait_for_function(
+        "sel => { const r = document.querySelector(sel);"
+        " return r && r.getAttribute('visibility') === 'visible'; }",
+        arg=f"{card} svg.curves .readout")
+    page.mouse.move(0, 0)
+    page.wait_for_function(
+        "sel => document.querySelector(sel).getAttribute('visibility') === 'hidden'",
+        arg=f"{card} svg.curves .readout")
+    return sorted(c for c, _, _ in paths)
+
+
+def test_several_targets_extremal_side_by_side(e2e_stack, page, flute_image):
+    """Two classes of one image with the extremal method: two cards, each with
+    its Grad-CAM comparison, the per-area strip and its curves."""
+    page.goto(e2e_stack.base_url + "/")
+    page.set_input_files("#image", str(flute_image))
+    page.fill("#target", "")
+    page.fill("#targets", "flute, oboe")
+    page.select_option("#method", "extremal")
+    page.fill("#areas", "0.1, 0.3")
+    page.fill("#iterations", "12")
+    page.click("#submit")
+    page.wait_for_url(re.compile(r"/jobs/[0-9a-f-]{36}$"))
+    job_id = page.url.rsplit("/", 1)[1]
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    status = None
+    while time.monotonic() < deadline:
+        try:
+            status = page.evaluate("() => document.getElementById('job').dataset.status")
+        except Exception:  # noqa: BLE001 - reloading
+            time.sleep(0.1)
+            continue
+        if status in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.2)
+    assert status == "succeeded", (
+        f"job {job_id} ended as {status}\n{e2e_stack.worker_tail()}")
+    page.wait_for_selector("#result-cards")
+    assert page.locator("#result-cards article.result-card").count() == 2
+    labels = page.eval_on_selector_all("#result-cards .result-label",
+                                       "els => els.map(e => e.textContent)")
+    assert labels == ["flute", "oboe"]
+    for k in (0, 1):
+        _assert_result_card(page, k, gradcam=True)
+        card = f'[data-result="{k}"]'
+        strip = page.locator(f"{card} img.result-areas")
+        assert strip.count() == 1
+        page.wait_for_function(
+            "sel => { const i = document.querySelector(sel);"
+            " return i && i.complete && i.naturalWidth > 0; }", arg=f"{card} img.result-areas")
+        rows = page.eval_on_selector_all(f"{card} tr.area-row",
+                                         "els => els.map(e => e.textContent)")
+        assert len(rows) == 2 and "10.0%" in rows[0] and "30.0%" in rows[1], rows
+        assert "Extremal" in page.inner_text(f"{card} .result-method")
+    # The two cards sit side by side (a grid), not stacked.
+    first = page.locator('[data-result="0"]').bounding_box()
+    second = page.locator('[data-result="1"]').bounding_box()
+    assert abs(first["y"] - second["y"]) < 2 and second["x"] > first["x"] + first["width"] - 1
     assert _csp_problems(page) == []
 
 
