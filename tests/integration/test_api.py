@@ -59,6 +59,9 @@ def test_submit_poll_and_download_every_artifact(client, flute_jpg):
 
     assert set(body["artifacts"]) >= set(ARTIFACT_NAMES)
     for key, url in body["artifacts"].items():
+        if key == "areas_png":  # written by extremal jobs only
+            assert url is None
+            continue
         assert url, f"artifact {key} has no URL"
         download = client.get(url)
         assert download.status_code == 200, key
