@@ -96,6 +96,7 @@ def test_upload_watch_progress_and_see_results(e2e_stack, page, flute_image):
     # The faithfulness card: Grad-CAM next to the mask, both curves drawn.
     _assert_result_card(page, 0, gradcam=True)
     assert "More faithful" in page.inner_text('[data-result="0"] .verdict')
+    _assert_api_matches_schema(page, e2e_stack.base_url, job_id, results=1)
     page.screenshot(path=str(DOCS / "screenshot-result.png"), full_page=True)
 
     # The job list shows it with a thumbnail that renders.
@@ -106,6 +107,33 @@ def test_upload_watch_progress_and_see_results(e2e_stack, page, flute_image):
         "() => [...document.querySelectorAll('img.thumb')].every(i => i.complete && i.naturalWidth > 0)"
     )
     assert _csp_problems(page) == []
+
+
+def _assert_api_matches_schema(page, base_url: str, job_id: str, *, results: int) -> dict:
+    """The worker's real ``results`` come out of the API as the OpenAPI
+    document says: ``metrics`` with Grad-CAM's, one entry per target."""
+    doc = page.request.get(base_url + "/api/v1/openapi.json").json()
+    body = page.request.get(f"{base_url}/api/v1/jobs/{job_id}").json()
+    assert len(body["results"]) == results, body["results"]
+    metrics = body["metrics"]
+    assert metrics is not None and metrics["gradcam"] is not None
+    for scores in (metrics, metrics["gradcam"]):
+        assert 0 <= scores["deletion_auc"] <= 1 and 0 <= scores["insertion_auc"] <= 1
+        assert len(scores["curves"]["fraction"]) == len(scores["curves"]["deletion"]) > 10
+    jsonschema = pytest.importorskip("jsonschema")
+
+    def to_jsonschema(node):  # OpenAPI 3.0 "nullable" -> JSON Schema
+        if isinstance(node, dict):
+            node = {k: to_jsonschema(v) for k, v in node.items()}
+            if node.pop("nullable", False):
+                node = {"anyOf": [node, {"type": "null"}]}
+            return node
+        if isinstance(node, list):
+            return [to_jsonschema(v) for v in node]
+        return node
+
+    jsonschema.validate(body, to_jsonschema(doc["components"]["schemas"]["Job"]))
+    return body
 
 
 def _assert_result_card(page, k: int, *, gradcam: bool) -> list[str]:
@@ -198,6 +226,10 @@ def test_several_targets_extremal_side_by_side(e2e_stack, page, flute_image):
                                          "els => els.map(e => e.textContent)")
         assert len(rows) == 2 and "10.0%" in rows[0] and "30.0%" in rows[1], rows
         assert "Extremal" in page.inner_text(f"{card} .result-method")
+    body = _assert_api_matches_schema(page, e2e_stack.base_url, job_id, results=2)
+    assert body["targets"] == [558, 683]
+    assert [r["target"]["index"] for r in body["results"]] == [558, 683]
+    assert all(r["method"] == "extremal" and len(r["areas"]) == 2 for r in body["results"])
     # The two cards sit side by side (a grid), not stacked.
     first = page.locator('[data-result="0"]').bounding_box()
     second = page.locator('[data-result="1"]').bounding_box()
