@@ -753,3 +753,13 @@ def test_faithfulness_verdict(mask, gradcam, deletion, insertion, words):
         assert verdict["summary"] is None
     else:
         assert words in verdict["summary"]
+
+
+def test_jobs_list_shows_several_targets(app, client):
+    first = new_job(client)
+    second = new_job(client)
+    set_job(app, first, targets=[558, 683, 1], target_index=558, target_label="flute")
+    set_job(app, second, top_k=3)
+    html = client.get("/jobs").get_data(as_text=True)
+    assert re.search(r'<span>flute <span class="muted">\+2</span></span>', html)
+    assert "<span>top-3</span>" in html
