@@ -76,3 +76,41 @@ def test_job_round_trip_keeps_uuid_json_and_timezones(database_url):
         beat = job.heartbeat_at if job.heartbeat_at.tzinfo else job.heartbeat_at.replace(tzinfo=timezone.utc)
         assert abs((beat - now).total_seconds()) < 1e-3
         assert job.enqueued_at is not None
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_migration_0002_keeps_existing_jobs(tmp_path, backend):
+    """A database holding jobs from before several targets and results
+    (revision 0001) upgrades in place: rows kept, the new columns empty."""
+    from shared.db.migrations import upgrade_database
+    from shared.db.models import Job
+    from shared.db.session import session_scope
+
+    drop = None
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+    else:
+        problem = _postgres_available()
+        if problem:
+            pytest.skip(f"PostgreSQL not reachable: {problem}")
+        url, drop = _create_pg_database()
+    try:
+        upgrade_database(url, revision="0001", force=True)
+        job_id = uuid.uuid4()
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO jobs (id, status, model, config, image_sha256, image_width, image_height, "
+                "image_filename, progress_iteration, progress_total, cancel_requested, created_at, attempts) "
+                "VALUES (:id, 'succeeded', 'vgg19', '{}', :sha, 4, 4, 'x.png', 5, 5, false, :now, 1)"),
+                {"id": job_id.hex if backend == "sqlite" else str(job_id), "sha": "0" * 64,
+                 "now": "2026-01-01 00:00:00"})
+        engine.dispose()
+        assert upgrade_database(url, force=True) == "0002"
+        with session_scope(url) as session:
+            job = session.get(Job, job_id)
+            assert job is not None and job.status == "succeeded" and job.progress_total == 5
+            assert job.results is None and job.targets is None and job.top_k is None
+    finally:
+        if drop is not None:
+            drop()

@@ -109,3 +109,4 @@ def test_cli_requires_a_subcommand(argv):
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(argv)
+
