@@ -6,7 +6,7 @@ on ``<repo parent>/shared/images``) it times, in one run, side by side:
 * ``mask``: the seed-faithful Meaningful Perturbation optimisation
   (``--iterations``, reference 500), as one job;
 * ``metrics``: the deletion and insertion curves of that mask, batched
-  (``batch_size`` 16 on a CPU, as the worker runs them) and unbatched
+  (``batch_size`` 4 on a CPU, as the worker runs them) and unbatched
   (``batch_size`` 1), to show what batching the 58 step images buys;
 * ``gradcam``: the Grad-CAM baseline's map and its own curves.
 
@@ -50,7 +50,14 @@ def main() -> None:
     from shared.imaging.decode import decode_image
     from shared.models.registry import load_model
 
+    from worker.engine import wants_channels_last
+
     classifier = load_model("efficientnet_lite0", device=args.device)
+    classifier.module.eval()
+    for p in classifier.module.parameters():
+        p.requires_grad_(False)
+    if wants_channels_last(classifier):  # as the worker's engine does
+        classifier.module.to(memory_format=torch.channels_last)
     config = PerturbationConfig(iterations=args.iterations)
     print(f"efficientnet_lite0 on {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}; {args.iterations} iterations")
@@ -80,7 +87,7 @@ def main() -> None:
     print("| step | seconds (mean of 3 cases) | vs the mask |")
     print("|---|---|---|")
     print(f"| mask ({args.iterations} it) | {mask_s:.2f} | 1.00 |")
-    print(f"| deletion + insertion curves, batched (16) | {metrics_s:.2f} | {metrics_s / mask_s:.3f} |")
+    print(f"| deletion + insertion curves, batched (4) | {metrics_s:.2f} | {metrics_s / mask_s:.3f} |")
     print(f"| same, unbatched (1) | {unbatched_s:.2f} | {unbatched_s / mask_s:.3f} |")
     print(f"| Grad-CAM map + its curves | {gradcam_s:.2f} | {gradcam_s / mask_s:.3f} |")
     print(f"| all scoring the worker adds | {scoring_s:.2f} | {scoring_s / mask_s:.3f} |")
