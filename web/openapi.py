@@ -381,6 +381,35 @@ def _base_document(server_url: str) -> dict[str, Any]:
                                "queue_unavailable"),
     }
     job_ref = {"$ref": "#/components/schemas/Job"}
+    artifact_name = {"name": "name", "in": "path", "required": True,
+                     "description": "Artifact key or file name.",
+                     "schema": {"type": "string", "enum": list(ARTIFACTS) + list(ARTIFACTS.values())}}
+
+    def artifact_get(operation_id: str, summary: str) -> dict[str, Any]:
+        """The GET operation of an artifact file route."""
+        return {
+            "operationId": operation_id,
+            "summary": summary,
+            "parameters": [
+                {"name": "download", "in": "query", "required": False,
+                 "description": "`1` to get it as an attachment.",
+                 "schema": {"type": "string", "enum": ["0", "1"]}},
+            ],
+            "responses": {
+                "200": {
+                    "description": "The file.",
+                    "content": {
+                        "image/png": {"schema": {"type": "string", "format": "binary"}},
+                        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                        "application/json": {"schema": {"type": "object"}},
+                    },
+                },
+                "304": {"description": "Not modified (conditional request)."},
+                "404": errors["404"],
+                "405": errors["405"],
+            },
+        }
+
     doc: dict[str, Any] = {
         "openapi": "3.0.3",
         "info": {
@@ -558,34 +587,9 @@ def _base_document(server_url: str) -> dict[str, Any]:
             "/jobs/{job_id}/artifacts/{name}": {
                 "parameters": [
                     _JOB_ID,
-                    {"name": "name", "in": "path", "required": True,
-                     "description": "Artifact key or file name.",
-                     "schema": {"type": "string",
-                                "enum": list(ARTIFACTS) + list(ARTIFACTS.values())}},
+                    artifact_name,
                 ],
-                "get": {
-                    "operationId": "getArtifact",
-                    "summary": "One result file of a job (404 until it exists).",
-                    "parameters": [
-                        {"name": "download", "in": "query", "required": False,
-                         "description": "`1` to get it as an attachment.",
-                         "schema": {"type": "string", "enum": ["0", "1"]}},
-                    ],
-                    "responses": {
-                        "200": {
-                            "description": "The file.",
-                            "content": {
-                                "image/png": {"schema": {"type": "string", "format": "binary"}},
-                                "application/octet-stream": {
-                                    "schema": {"type": "string", "format": "binary"}},
-                                "application/json": {"schema": {"type": "object"}},
-                            },
-                        },
-                        "304": {"description": "Not modified (conditional request)."},
-                        "404": errors["404"],
-                        "405": errors["405"],
-                    },
-                },
+                "get": artifact_get("getArtifact", "One result file of a job (404 until it exists)."),
             },
             "/jobs/{job_id}/results/{k}/artifacts/{name}": {
                 "parameters": [
@@ -595,35 +599,10 @@ def _base_document(server_url: str) -> dict[str, Any]:
                                     "files as `/jobs/{job_id}/artifacts/{name}`); beyond the "
                                     "results: 404.",
                      "schema": {"type": "integer", "minimum": 0}},
-                    {"name": "name", "in": "path", "required": True,
-                     "description": "Artifact key or file name.",
-                     "schema": {"type": "string",
-                                "enum": list(ARTIFACTS) + list(ARTIFACTS.values())}},
+                    artifact_name,
                 ],
-                "get": {
-                    "operationId": "getResultArtifact",
-                    "summary": "One result file of the k-th explained target (404 until it "
-                               "exists).",
-                    "parameters": [
-                        {"name": "download", "in": "query", "required": False,
-                         "description": "`1` to get it as an attachment.",
-                         "schema": {"type": "string", "enum": ["0", "1"]}},
-                    ],
-                    "responses": {
-                        "200": {
-                            "description": "The file.",
-                            "content": {
-                                "image/png": {"schema": {"type": "string", "format": "binary"}},
-                                "application/octet-stream": {
-                                    "schema": {"type": "string", "format": "binary"}},
-                                "application/json": {"schema": {"type": "object"}},
-                            },
-                        },
-                        "304": {"description": "Not modified (conditional request)."},
-                        "404": errors["404"],
-                        "405": errors["405"],
-                    },
-                },
+                "get": artifact_get("getResultArtifact",
+                                    "One result file of the k-th explained target (404 until it exists)."),
             },
             "/models": {
                 "get": {

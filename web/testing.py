@@ -238,3 +238,16 @@ def write_result_files(job_dir: Path, k: int, *, extremal: bool = False,
     for name, data in files.items():
         (folder / name).write_bytes(data)
     return files
+
+
+def openapi_to_jsonschema(node: Any) -> Any:
+    """An OpenAPI 3.0 schema as plain JSON Schema (``nullable: true`` becomes
+    ``anyOf [..., null]``), to validate responses with ``jsonschema``."""
+    if isinstance(node, dict):
+        node = {k: openapi_to_jsonschema(v) for k, v in node.items()}
+        if node.pop("nullable", False):
+            node = {"anyOf": [node, {"type": "null"}]}
+        return node
+    if isinstance(node, list):
+        return [openapi_to_jsonschema(v) for v in node]
+    return node

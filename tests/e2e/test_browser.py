@@ -121,18 +121,9 @@ def _assert_api_matches_schema(page, base_url: str, job_id: str, *, results: int
         assert 0 <= scores["deletion_auc"] <= 1 and 0 <= scores["insertion_auc"] <= 1
         assert len(scores["curves"]["fraction"]) == len(scores["curves"]["deletion"]) > 10
     jsonschema = pytest.importorskip("jsonschema")
+    from web.testing import openapi_to_jsonschema
 
-    def to_jsonschema(node):  # OpenAPI 3.0 "nullable" -> JSON Schema
-        if isinstance(node, dict):
-            node = {k: to_jsonschema(v) for k, v in node.items()}
-            if node.pop("nullable", False):
-                node = {"anyOf": [node, {"type": "null"}]}
-            return node
-        if isinstance(node, list):
-            return [to_jsonschema(v) for v in node]
-        return node
-
-    jsonschema.validate(body, to_jsonschema(doc["components"]["schemas"]["Job"]))
+    jsonschema.validate(body, openapi_to_jsonschema(doc["components"]["schemas"]["Job"]))
     return body
 
 

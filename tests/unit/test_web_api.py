@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from web.testing import DEAD_REDIS_URL, TEST_MODELS, app_env, image_bytes, queue_messages
-from web.testing import TestApps
+from web.testing import TestApps, openapi_to_jsonschema
 
 REDIS_DB = 13
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
@@ -667,19 +667,7 @@ def test_traversal_in_path_is_404(app, client):
 
 def _job_schema(client):
     doc = client.get("/api/v1/openapi.json").get_json()
-    schema = json.loads(json.dumps(doc["components"]["schemas"]["Job"]))
-
-    def to_jsonschema(node):  # OpenAPI 3.0 "nullable" -> JSON Schema type lists
-        if isinstance(node, dict):
-            node = {k: to_jsonschema(v) for k, v in node.items()}
-            if node.pop("nullable", False):
-                node = {"anyOf": [node, {"type": "null"}]}
-            return node
-        if isinstance(node, list):
-            return [to_jsonschema(v) for v in node]
-        return node
-
-    return to_jsonschema(schema)
+    return openapi_to_jsonschema(doc["components"]["schemas"]["Job"])
 
 
 @pytest.mark.parametrize("method", ["meaningful_perturbation", "extremal"])
@@ -1180,20 +1168,7 @@ def test_openapi_document(client):
 
 def test_job_json_matches_openapi_schema(app, client):
     jsonschema = pytest.importorskip("jsonschema")
-    doc = client.get("/api/v1/openapi.json").get_json()
-    schema = json.loads(json.dumps(doc["components"]["schemas"]["Job"]))
-
-    def to_jsonschema(node):  # OpenAPI 3.0 "nullable" -> JSON Schema type lists
-        if isinstance(node, dict):
-            node = {k: to_jsonschema(v) for k, v in node.items()}
-            if node.pop("nullable", False):
-                node = {"anyOf": [node, {"type": "null"}]}
-            return node
-        if isinstance(node, list):
-            return [to_jsonschema(v) for v in node]
-        return node
-
-    schema = to_jsonschema(schema)
+    schema = _job_schema(client)
     job_id = post_job(client, iterations=20).get_json()["id"]
     jsonschema.validate(client.get(f"/api/v1/jobs/{job_id}").get_json(), schema)
     _finish_with_artifacts(app, job_id)
