@@ -53,6 +53,16 @@ def _secret_key() -> str:
     return secrets.token_hex(32)
 
 
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    """A boolean environment variable: ``1/true/yes/on`` or ``0/false/no/off`` (default)."""
+    raw = str(env.get(name) or "0").strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be 1 or 0, got {raw!r}")
+
+
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Create the Flask application.
 
@@ -70,6 +80,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     if settings is None:
         settings = settings_mod.load(env)
     migrate = bool(test_config.pop("EBB_MIGRATE", True))
+    secure_cookies = _flag(env if env is not None else os.environ, "EBB_SECURE_COOKIES")
 
     app.config.from_mapping(
         SECRET_KEY=_secret_key(),
@@ -77,6 +88,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         WTF_CSRF_TIME_LIMIT=None,  # tokens live as long as the session
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
+        # Behind HTTPS, the session cookie (login, CSRF) is never sent in clear.
+        SESSION_COOKIE_SECURE=secure_cookies,
         JOBS_PER_PAGE=20,
         # Connection timeout (seconds) for the broker when queueing a job.
         BROKER_CONNECT_TIMEOUT=2.0,

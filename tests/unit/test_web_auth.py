@@ -358,3 +358,14 @@ def test_openapi_documents_the_bearer_scheme(client, tmp_path, monkeypatch):
     assert "bearer" in open_doc["components"]["securitySchemes"]
     assert "security" not in open_doc  # an open service requires nothing
     validator.validate(open_doc)
+
+
+def test_secure_cookies_behind_https(tmp_path, monkeypatch):
+    plain = make_app(tmp_path / "a", monkeypatch, EBB_API_TOKENS=TOKEN_A)
+    cookie = login(plain.test_client(), TOKEN_A, next_="/jobs").headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Secure" not in cookie
+    secure = make_app(tmp_path / "b", monkeypatch, EBB_API_TOKENS=TOKEN_A, EBB_SECURE_COOKIES="1")
+    response = login(secure.test_client(), TOKEN_A, next_="/jobs")
+    assert response.status_code == 303 and "; Secure" in response.headers["Set-Cookie"]
+    with pytest.raises(ValueError, match="EBB_SECURE_COOKIES must be 1 or 0"):
+        make_app(tmp_path / "c", monkeypatch, EBB_SECURE_COOKIES="maybe")
