@@ -171,3 +171,12 @@ def flute_image() -> Path:
     if not path.is_file():
         pytest.skip(f"{path} not found")
     return path
+
+
+@pytest.fixture
+def shots(tmp_path) -> Path:
+    """Where screenshots go: ``docs/`` (shown by the README) with
+    ``EBB_UPDATE_SCREENSHOTS=1``, else the test's temporary folder."""
+    folder = DOCS if os.environ.get("EBB_UPDATE_SCREENSHOTS") == "1" else tmp_path
+    folder.mkdir(exist_ok=True)
+    return folder

@@ -1,7 +1,9 @@
 """End to end in a real browser: upload, watch the live progress, see the result.
 
-Also saves ``docs/screenshot-form.png``, ``docs/screenshot-running.png`` and
-``docs/screenshot-result.png``.
+Also takes the screenshots ``screenshot-form.png``, ``screenshot-running.png``
+and ``screenshot-result.png``: into ``docs/`` (the README shows them) when
+``EBB_UPDATE_SCREENSHOTS=1``, else into the test's temporary folder, so a
+test run leaves the checkout clean.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import time
 
 import pytest
 
-from .conftest import DOCS
 
 pytestmark = pytest.mark.e2e
 
@@ -24,7 +25,7 @@ def _csp_problems(page) -> list[str]:
             if "Content Security Policy" in m or "Refused to" in m or m.startswith("pageerror")]
 
 
-def test_upload_watch_progress_and_see_results(e2e_stack, page, flute_image):
+def test_upload_watch_progress_and_see_results(e2e_stack, page, flute_image, shots):
     page.goto(e2e_stack.base_url + "/")
     assert page.title().startswith("New explanation")
     page.set_input_files("#image", str(flute_image))
@@ -35,8 +36,7 @@ def test_upload_watch_progress_and_see_results(e2e_stack, page, flute_image):
     page.fill("#iterations", str(ITERATIONS))
     page.fill("#target", "")
     page.locator("details.advanced summary").click()  # show the advanced settings too
-    DOCS.mkdir(exist_ok=True)
-    page.screenshot(path=str(DOCS / "screenshot-form.png"), full_page=True)
+    page.screenshot(path=str(shots / "screenshot-form.png"), full_page=True)
     page.locator("details.advanced summary").click()
 
     page.click("#submit")
@@ -66,7 +66,7 @@ def test_upload_watch_progress_and_see_results(e2e_stack, page, flute_image):
         # One shot as soon as it runs, replaced by a better one a quarter of the way in.
         if status == "running" and 0 < value < ITERATIONS and (
                 not running_shot or (running_shot == "early" and value >= ITERATIONS // 4)):
-            page.screenshot(path=str(DOCS / "screenshot-running.png"), full_page=True)
+            page.screenshot(path=str(shots / "screenshot-running.png"), full_page=True)
             running_shot = "early" if value < ITERATIONS // 4 else "good"
         if status in ("succeeded", "failed", "cancelled"):
             break
@@ -97,7 +97,7 @@ def test_upload_watch_progress_and_see_results(e2e_stack, page, flute_image):
     _assert_result_card(page, 0, gradcam=True)
     assert "More faithful" in page.inner_text('[data-result="0"] .verdict')
     _assert_api_matches_schema(page, e2e_stack.base_url, job_id, results=1)
-    page.screenshot(path=str(DOCS / "screenshot-result.png"), full_page=True)
+    page.screenshot(path=str(shots / "screenshot-result.png"), full_page=True)
 
     # The job list shows it with a thumbnail that renders.
     page.goto(e2e_stack.base_url + "/jobs")
