@@ -305,6 +305,15 @@ def test_running_job_page(app, client):
     assert re.search(r'id="current-score">0\.500<', html)
     assert re.search(r'id="eta">\d', html)  # an ETA is shown
     assert "queue-position" not in html
+    assert '<h2 id="live-title">Optimising the mask…</h2>' in html
+
+
+def test_running_job_past_its_last_iteration_says_it_is_scoring(app, client):
+    job_id = new_job(client)
+    set_job(app, job_id, status="running", progress_iteration=40,
+            started_at=datetime.now(timezone.utc) - timedelta(seconds=5))
+    html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    assert '<h2 id="live-title">Scoring faithfulness: deletion, insertion and the Grad-CAM baseline…</h2>' in html
 
 
 def _succeed(app, job_id):

@@ -38,6 +38,10 @@
     }
     set("iteration", p.iteration || 0);
     set("total", p.total || 0);
+    if (job.status === "running" && p.total > 0 && p.iteration >= p.total) {
+      // every mask is done; the worker is scoring them (a second or two)
+      set("live-title", "Scoring faithfulness: deletion, insertion and the Grad-CAM baseline…");
+    }
     set("current-score", score(job.current_score));
     set("elapsed", duration(job.elapsed_s));
     set("eta", duration(job.eta_s));
