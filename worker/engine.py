@@ -20,9 +20,10 @@ each task calls :meth:`BatchEngine.submit` and waits on the returned future,
 while one engine thread runs the optimisation. Progress callbacks run on the
 engine thread, between steps.
 
-Extremal runs (``method: extremal``) join the same loop: each is stepped on
-its own (one batch of its areas) between the batched Meaningful Perturbation
-steps, so neither kind stalls the other. Anything else that must use the
+Extremal runs (``method: extremal``) join the same loop: those of one input
+size are stepped together (one batch of all their areas, see
+``shared.attribution.extremal.extremal_step_batch``) between the batched
+Meaningful Perturbation steps, so neither kind stalls the other. Anything else that must use the
 model alone (Grad-CAM registers hooks on it; the faithfulness curves score a
 batch of images) goes through :meth:`BatchEngine.call`, which runs a function
 on the engine thread between two steps.
@@ -110,18 +111,19 @@ def _run_result(classifier: Classifier, run: Any) -> Explanation:
 
 def _group_key(run: Any) -> tuple:
     """Runs stepped together: Meaningful Perturbation runs by (input size,
-    precision); every other run alone."""
+    precision), extremal runs by input size."""
     if isinstance(run, MaskOptimisation):
         return ("mp", run.config.input_size, run.config.precision)
-    return ("solo", id(run))
+    return ("extremal", run.input_size)
 
 
 def _step_group(classifier: Classifier, runs: list) -> None:
     if isinstance(runs[0], MaskOptimisation):
         step_batch(classifier, runs)
     else:
-        for run in runs:
-            run.step(classifier)
+        from shared.attribution.extremal import extremal_step_batch
+
+        extremal_step_batch(classifier, runs)
 
 
 class BatchEngine:

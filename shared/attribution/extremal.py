@@ -57,6 +57,7 @@ __all__ = [
     "area_loss",
     "blur_pyramid",
     "extremal",
+    "extremal_step_batch",
     "pyramid_perturbation",
     "regulariser_weight",
     "smooth_mask",
@@ -492,25 +493,26 @@ class ExtremalOptimisation:
 
     def step(self, model: Classifier | nn.Module) -> None:
         """One Adam step on every area's parameters (one forward/backward batch)."""
-        if self.done:
-            return
-        classifier = Classifier.wrap(model)
+        extremal_step_batch(model, [self])
+
+    def losses(self, mask: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(total, reward, area_loss, lambda)`` of this step, each ``(N,)``
+        (one per area), from the masks and the model's logits on their perturbations."""
         sign = 1.0 if self.game == "preservation" else -1.0  # maximise (preserve) or minimise (delete)
-        t = self.iteration
-        lam = regulariser_weight(t, self.iterations, self.reg_start, self.reg_end)
-        with frozen(classifier.module), torch.enable_grad():
-            mask, xp = self.perturb(self.params)
-            r = self.reward(_forward(classifier, xp))
-            reg = area_loss(mask, self.area_t)
-            total = -sign * r + lam * reg
-            total.sum().backward()
+        lam = regulariser_weight(self.iteration, self.iterations, self.reg_start, self.reg_end)
+        r = self.reward(logits)
+        reg = area_loss(mask, self.area_t)
+        return -sign * r + lam * reg, r, reg, torch.full_like(reg, lam)
+
+    def finish_step(self, total: torch.Tensor, r: torch.Tensor, reg: torch.Tensor, lam: torch.Tensor) -> None:
+        """Adam step, clamp, record the losses, report progress."""
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             self.params.clamp_(0, 1)
-            row = torch.stack([total.detach(), r.detach(), reg.detach(), torch.full_like(reg, lam)], dim=1)
-            self.history[t] = row
-        self.iteration = t + 1
+            row = torch.stack([total.detach(), r.detach(), reg.detach(), lam], dim=1)
+            self.history[self.iteration] = row
+        self.iteration += 1
         if self.on_step(self.iteration, self.iterations, _Losses(dict(zip(HISTORY_KEYS, row.mean(0).tolist())))):
             self.cancelled = True
 
@@ -554,6 +556,41 @@ class ExtremalOptimisation:
                 )
             )
         return results
+
+
+def extremal_step_batch(model: Classifier | nn.Module, runs: Sequence[ExtremalOptimisation]) -> None:
+    """Advance every unfinished run by one step in one forward/backward batch.
+
+    Runs (of different images, targets, areas, games or settings) must share
+    ``input_size``. Each keeps its own parameters, Adam state and schedule,
+    so each comes out as when run alone (within float tolerance: the model
+    is in eval mode, so no image in the batch affects another). One caveat:
+    while a run's parameters are still near-tied (its first steps, more so
+    with the small gradients of the ``probability`` reward), the ranking area
+    loss may turn float-level differences of a bigger batch into a different
+    pick among the tied pixels, as any change of arithmetic order would; the
+    scores stay equal (seen: one 5% mask 0.12 apart after 8 steps, score
+    within 4e-5).
+    """
+    active = [r for r in runs if not r.done]
+    if not active:
+        return
+    sizes = {r.input_size for r in active}
+    if len(sizes) != 1:
+        raise ValueError(f"runs in one batch must share input_size, got {sorted(sizes)}")
+    classifier = Classifier.wrap(model)
+    with frozen(classifier.module), torch.enable_grad():
+        parts = [r.perturb(r.params) for r in active]  # (mask (N, 1, S, S), perturbed (N, 3, S, S))
+        logits = _forward(classifier, torch.cat([xp for _, xp in parts]))
+        rows, totals, start = [], [], 0
+        for run, (mask, xp) in zip(active, parts):
+            losses = run.losses(mask, logits[start:start + xp.shape[0]])
+            start += xp.shape[0]
+            rows.append(losses)
+            totals.append(losses[0].sum())
+        torch.stack(totals).sum().backward()
+    for run, losses in zip(active, rows):
+        run.finish_step(*losses)
 
 
 # --------------------------------------------------------------------------- as a job result

@@ -233,3 +233,32 @@ def test_bad_arguments(tiny, images, kwargs, message):
     target, areas = args.pop("target"), args.pop("areas")
     with pytest.raises(ValueError, match=message):
         extremal(tiny, images[0], target, areas, **args)
+
+
+def test_batched_runs_equal_solo_runs(tiny, images):
+    from shared.attribution.extremal import ExtremalOptimisation, extremal_step_batch
+
+    options = [dict(areas=(0.1, 0.3), game="preservation"), dict(areas=(0.2,), game="deletion", sigma=2.0),
+               dict(areas=(0.05, 0.1, 0.2), iterations=5, temperature=0.1)]
+    runs = [ExtremalOptimisation.create(tiny, images[i % 2], i + 1, iterations=opt.pop("iterations", 8),
+                                        input_size=64, param_size=8, **opt) for i, opt in enumerate(options)]
+    while not all(r.done for r in runs):
+        extremal_step_batch(tiny, runs)
+    for i, run in enumerate(runs):
+        got = run.result(tiny)
+        alone = extremal(tiny, images[i % 2], i + 1, run.areas, iterations=run.iterations, input_size=64,
+                         param_size=8, game=run.game, score=run.score, sigma=run.sigma,
+                         temperature=run.temperature)
+        assert got[0].iterations_run == run.iterations
+        for g, a in zip(got, alone):
+            np.testing.assert_allclose(g.mask, a.mask, atol=1e-5)
+            assert g.score_after == pytest.approx(a.score_after, abs=1e-5)
+
+
+def test_batched_runs_must_share_the_input_size(tiny, images):
+    from shared.attribution.extremal import ExtremalOptimisation, extremal_step_batch
+
+    a = ExtremalOptimisation.create(tiny, images[0], 1, (0.1,), iterations=2, input_size=64, param_size=8)
+    b = ExtremalOptimisation.create(tiny, images[0], 1, (0.1,), iterations=2, input_size=32, param_size=8)
+    with pytest.raises(ValueError, match="must share input_size"):
+        extremal_step_batch(tiny, [a, b])

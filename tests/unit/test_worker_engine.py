@@ -127,3 +127,24 @@ def test_call_exceptions_reach_the_caller(engine):
     with pytest.raises(ValueError, match="no good"):
         engine.call(boom).result(timeout=30)
     assert engine.call(lambda clf: 42).result(timeout=30) == 42  # the engine carries on
+
+
+
+def test_extremal_jobs_share_batches(tiny, cfg, images):
+    from shared.attribution.extremal import extremal
+
+    gate = threading.Event()
+    eng = BatchEngine(tiny, max_batch=3)
+    ext = cfg.replace(method="extremal", game="preservation", areas=(0.1, 0.3), iterations=6)
+    first = eng.submit(images[0], 1, ext, on_step=lambda it, total, losses: gate.wait(10) and None)
+    others = [eng.submit(images[1], t, ext.replace(areas=(0.2,))) for t in (2, 3)]
+    gate.set()
+    results = [f.result(timeout=60) for f in [first, *others]]
+    eng.stop()
+    assert eng.max_seen_batch == 3 and eng.steps < 3 * ext.iterations  # stepped together
+    for got, (image, target, areas) in zip(results, [(images[0], 1, (0.1, 0.3)), (images[1], 2, (0.2,)),
+                                                      (images[1], 3, (0.2,))]):
+        alone = extremal(tiny, image, target, areas, iterations=6, param_size=cfg.mask_size,
+                         input_size=cfg.input_size)
+        for g, a in zip(got.areas, alone):
+            np.testing.assert_allclose(g.mask, a.mask, atol=1e-5)
