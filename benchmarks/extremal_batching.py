@@ -18,15 +18,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from _local import CASES, add_machine_options, apply_machine_options, example_pixels, worker_model
 
 from shared.attribution.config import PerturbationConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-IMAGES = ROOT.parent / "shared" / "images"
-CASES = [("flute.jpg", 558), ("both.png", 243), ("both.png", 282)]
 
 
 def main() -> None:
@@ -34,21 +30,13 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default="cpu")
+    add_machine_options(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    from shared.imaging.decode import decode_image
-    from shared.models.registry import load_model
+    apply_machine_options(args)
     from worker.engine import BatchEngine
 
-    classifier = load_model("efficientnet_lite0", device=args.device)
-    classifier.module.eval()
-    for p in classifier.module.parameters():
-        p.requires_grad_(False)
-    images = {f: decode_image((IMAGES / f).read_bytes()).pixels for f, _ in CASES}
+    classifier = worker_model("efficientnet_lite0", args.device)
+    images = example_pixels()
     jobs = [CASES[i % len(CASES)] for i in range(args.jobs)]
     config = PerturbationConfig(method="extremal", game="preservation", iterations=args.iterations)
     print(f"efficientnet_lite0 on {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "

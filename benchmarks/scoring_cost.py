@@ -23,51 +23,35 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from _local import CASES, add_machine_options, apply_machine_options, example_pixels, worker_model
 
 from shared.attribution.config import PerturbationConfig
 from shared.attribution.evaluation import evaluate
 from shared.attribution.metrics import deletion_insertion
 from shared.attribution.perturbation import explain
 
-ROOT = Path(__file__).resolve().parents[1]
-IMAGES = ROOT.parent / "shared" / "images"
-CASES = [("flute.jpg", 558), ("both.png", 243), ("both.png", 282)]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=500)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default="cpu")
+    add_machine_options(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    from shared.imaging.decode import decode_image
-    from shared.models.registry import load_model
-
-    from worker.engine import wants_channels_last
-
-    classifier = load_model("efficientnet_lite0", device=args.device)
-    classifier.module.eval()
-    for p in classifier.module.parameters():
-        p.requires_grad_(False)
-    if wants_channels_last(classifier):  # as the worker's engine does
-        classifier.module.to(memory_format=torch.channels_last)
+    apply_machine_options(args)
+    classifier = worker_model("efficientnet_lite0", args.device)
+    pixels = example_pixels()
     config = PerturbationConfig(iterations=args.iterations)
     print(f"efficientnet_lite0 on {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}; {args.iterations} iterations")
     # warm-up (first Grad-CAM import, allocator)
-    warm = decode_image((IMAGES / CASES[0][0]).read_bytes()).pixels
+    warm = pixels[CASES[0][0]]
     evaluate(classifier, warm, explain(classifier, warm, CASES[0][1], config.replace(iterations=2)))
 
     rows = []
     for file, target in CASES:
-        image = decode_image((IMAGES / file).read_bytes()).pixels
+        image = pixels[file]
         start = time.perf_counter()
         e = explain(classifier, image, target, config)
         mask_s = time.perf_counter() - start
