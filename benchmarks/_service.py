@@ -50,6 +50,8 @@ READY_TIMEOUT_S = 300.0
 if str(ROOT) not in sys.path:  # run as ``python benchmarks/x.py`` from anywhere
     sys.path.insert(0, str(ROOT))
 
+from web.testing import delete_keys  # noqa: E402
+
 
 # --------------------------------------------------------------------------- inputs
 
@@ -130,20 +132,6 @@ def redis_available(url: str = REDIS_URL) -> str | None:
         return None
     except Exception as error:  # noqa: BLE001
         return str(error)
-
-
-def delete_redis_keys(url: str, needle: str) -> None:
-    """Delete keys containing ``needle`` and its entries in kombu's ``unacked`` hash."""
-    import redis
-
-    client = redis.Redis.from_url(url)
-    keys = list(client.scan_iter(match=f"*{needle}*"))
-    if keys:
-        client.delete(*keys)
-    mine = [tag for tag, payload in client.hscan_iter("unacked") if needle.encode() in payload]
-    if mine:
-        client.hdel("unacked", *mine)
-        client.zrem("unacked_index", *mine)
 
 
 def create_database(kind: str, base: Path) -> tuple[str, Any]:
@@ -318,7 +306,7 @@ class Service:
             f.close()
         self._logs = []
         try:
-            delete_redis_keys(self.redis_url, self.prefix)
+            delete_keys(self.redis_url, self.prefix)
         except Exception:  # noqa: BLE001 - best effort
             pass
         try:

@@ -575,7 +575,8 @@ def artifact_urls(storage: Any, job: Job, k: int | None = None) -> dict[str, str
     return urls
 
 
-def _num(value: Any) -> float | None:
+def finite_number(value: Any) -> float | None:
+    """``value`` as a finite float, or None (None, bools, non-numbers, NaN, inf)."""
     if value is None or isinstance(value, bool):
         return None
     try:
@@ -614,7 +615,7 @@ def _clean_top5(raw: Any) -> dict[str, list[dict[str, Any]] | None]:
                 clean.append({
                     "index": _int(row.get("index")),
                     "label": _str(row.get("label")),
-                    "prob": _num(row.get("prob")),
+                    "prob": finite_number(row.get("prob")),
                 })
         out[key] = clean
     return out
@@ -642,7 +643,7 @@ def _clean_curves(raw: Any) -> dict[str, list[float | None]] | None:
         values = raw.get(key)
         if not isinstance(values, list):
             return None
-        out[key] = [_num(v) for v in values[:MAX_CURVE_POINTS]]
+        out[key] = [finite_number(v) for v in values[:MAX_CURVE_POINTS]]
     return out
 
 
@@ -651,10 +652,10 @@ def _clean_metrics(raw: Any) -> dict[str, Any] | None:
     if not isinstance(raw, dict):
         return None
     return {
-        "deletion_auc": _num(raw.get("deletion_auc")),
-        "insertion_auc": _num(raw.get("insertion_auc")),
+        "deletion_auc": finite_number(raw.get("deletion_auc")),
+        "insertion_auc": finite_number(raw.get("insertion_auc")),
         "curves": _clean_curves(raw.get("curves")),
-        "seconds": _num(raw.get("seconds")),
+        "seconds": finite_number(raw.get("seconds")),
     }
 
 
@@ -663,9 +664,9 @@ def _clean_areas(raw: Any) -> list[dict[str, float | None]] | None:
         return None
     return [
         {
-            "area": _num(row.get("area")),
-            "area_achieved": _num(row.get("area_achieved")),
-            "score_after": _num(row.get("score_after")),
+            "area": finite_number(row.get("area")),
+            "area_achieved": finite_number(row.get("area_achieved")),
+            "score_after": finite_number(row.get("score_after")),
         }
         for row in raw[:MAX_ROWS]
         if isinstance(row, dict)
@@ -681,7 +682,7 @@ def clean_result(raw: Any) -> dict[str, Any]:
     return {
         "target": {"index": _int(target.get("index")), "label": _str(target.get("label"))},
         "method": _str(raw.get("method"), 64),
-        "scores": {"before": _num(scores.get("before")), "after": _num(scores.get("after"))},
+        "scores": {"before": finite_number(scores.get("before")), "after": finite_number(scores.get("after"))},
         "top5": _clean_top5(raw.get("top5")),
         "metrics": _clean_metrics(raw.get("metrics")),
         "gradcam": _clean_metrics(raw.get("gradcam")),
@@ -744,7 +745,7 @@ def job_to_dict(db: Session, storage: Any, job: Job) -> dict[str, Any]:
             "total": total,
             "fraction": round(min(1.0, iteration / total), 4) if total > 0 else 0.0,
         },
-        "scores": {"before": _num(job.score_before), "after": _num(job.score_after)},
+        "scores": {"before": finite_number(job.score_before), "after": finite_number(job.score_after)},
         "top5": _top5(job),
         "config": job.config or {},
         "created_at": iso(job.created_at),
@@ -755,7 +756,7 @@ def job_to_dict(db: Session, storage: Any, job: Job) -> dict[str, Any]:
         "metrics": metrics_summary(results),
         "results": results,
         "queue_position": queue_position(db, job),
-        "current_score": _num(job.current_score),
+        "current_score": finite_number(job.current_score),
         "elapsed_s": elapsed,
         "eta_s": eta,
         "attempts": int(job.attempts or 0),

@@ -55,35 +55,24 @@ RESULT_IMAGES = (
 
 @bp.app_template_filter("score")
 def fmt_score(value: Any) -> str:
+    value = jobs_svc.finite_number(value)
     if value is None:
-        return "–"
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return "–"
-    if not math.isfinite(value):
         return "–"
     return f"{value:.3f}" if value >= 0.001 or value == 0 else f"{value:.1e}"
 
 
 @bp.app_template_filter("percent")
 def fmt_percent(value: Any) -> str:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return "–"
-    if not math.isfinite(value):
+    value = jobs_svc.finite_number(value)
+    if value is None:
         return "–"
     return f"{value * 100:.1f}%" if value >= 0.001 else "<0.1%"
 
 
 @bp.app_template_filter("duration")
 def fmt_duration(seconds: Any) -> str:
-    try:
-        seconds = float(seconds)
-    except (TypeError, ValueError):
-        return "–"
-    if not math.isfinite(seconds) or seconds < 0:
+    seconds = jobs_svc.finite_number(seconds)
+    if seconds is None or seconds < 0:
         return "–"
     if seconds < 10:
         return f"{seconds:.1f} s"
@@ -109,11 +98,8 @@ def fmt_when(value: datetime | str | None) -> str:
 
 @bp.app_template_filter("bar_width")
 def bar_width(value: Any) -> str:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return "0%"
-    if not math.isfinite(value):
+    value = jobs_svc.finite_number(value)
+    if value is None:
         return "0%"
     return f"{max(0.0, min(1.0, value)) * 100:.2f}%"
 

@@ -95,7 +95,8 @@ def redis_available(url: str) -> str | None:
 
 
 def delete_keys(url: str, needle: str) -> None:
-    """Delete the keys of ``url`` whose name contains ``needle`` (e.g. a queue prefix)."""
+    """Delete the keys of ``url`` whose name contains ``needle`` (e.g. a queue
+    prefix), and the entries of kombu's shared ``unacked`` hash that mention it."""
     import redis
 
     client = redis.Redis.from_url(url)
@@ -103,6 +104,10 @@ def delete_keys(url: str, needle: str) -> None:
         keys = list(client.scan_iter(match=f"*{needle}*"))
         if keys:
             client.delete(*keys)
+        mine = [tag for tag, payload in client.hscan_iter("unacked") if needle.encode() in payload]
+        if mine:
+            client.hdel("unacked", *mine)
+            client.zrem("unacked_index", *mine)
     finally:
         client.close()
 
@@ -133,15 +138,30 @@ class TestApps:
         self.prefix = prefix
         self._apps: list = []
 
-    def redis_scope(self):
-        """Body of a module-scoped fixture: skip without Redis, clean up after."""
+    def module_fixtures(self):
+        """The two autouse fixtures every web test module needs; bind them at
+        module level: ``_redis, _dispose_engines = APPS.module_fixtures()``.
+
+        ``_redis`` (module scope) skips without Redis and deletes the module's
+        keys afterwards; ``_dispose_engines`` closes each test's apps' database
+        connections.
+        """
         import pytest
 
-        problem = redis_available(self.redis_url)
-        if problem:
-            pytest.skip(f"Redis not reachable at {self.redis_url}: {problem}")
-        yield
-        delete_keys(self.redis_url, self.prefix)
+        @pytest.fixture(scope="module", autouse=True)
+        def _redis():
+            problem = redis_available(self.redis_url)
+            if problem:
+                pytest.skip(f"Redis not reachable at {self.redis_url}: {problem}")
+            yield
+            delete_keys(self.redis_url, self.prefix)
+
+        @pytest.fixture(autouse=True)
+        def _dispose_engines():
+            yield
+            self.dispose()
+
+        return _redis, _dispose_engines
 
     def make(self, tmp_path: Path, monkeypatch, *, clear: tuple[str, ...] = (), reset: bool = True,
              **env: str):

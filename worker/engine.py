@@ -95,9 +95,7 @@ def _create_run(classifier: Classifier, job: _Pending) -> Any:
     if job.config.method == "extremal":
         from shared.attribution.extremal import ExtremalOptimisation
 
-        run = ExtremalOptimisation.from_config(classifier, job.image, job.target, job.config, job.on_step)
-        run.config = job.config
-        return run
+        return ExtremalOptimisation.from_config(classifier, job.image, job.target, job.config, job.on_step)
     return MaskOptimisation.create(classifier, job.image, job.target, job.config, job.on_step)
 
 

@@ -428,6 +428,8 @@ class ExtremalOptimisation:
         self.game, self.score = game, score
         self.areas = [float(a) for a in areas]
         self.on_step = on_step or null_progress
+        #: The job settings it was made from (:meth:`from_config`), else None.
+        self.config: PerturbationConfig | None = None
         self.settings = dict(
             iterations=self.iterations, learning_rate=learning_rate, param_size=self.param_size,
             input_size=self.input_size, sigma=sigma, temperature=temperature, max_blur=float(max_blur),
@@ -470,11 +472,13 @@ class ExtremalOptimisation:
         and ``game``; the paper's defaults for the rest."""
         if not isinstance(config, PerturbationConfig):
             raise ValueError(f"config must be a PerturbationConfig, got {type(config).__name__}")
-        return cls.create(
+        run = cls.create(
             model, image, target, config.areas, iterations=config.iterations,
             learning_rate=config.learning_rate, param_size=config.mask_size,
             input_size=config.input_size, game=config.game, on_step=on_step,
         )
+        run.config = config
+        return run
 
     @property
     def done(self) -> bool:

@@ -21,6 +21,8 @@ from typing import Iterator
 
 import pytest
 
+from web.testing import delete_keys
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IMAGES = REPO_ROOT.parent / "shared" / "images"
 DOCS = REPO_ROOT / "docs"
@@ -47,18 +49,6 @@ class E2EStack:
             return "\n".join(self.worker_log.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return ""
-
-
-def _delete_keys(needle: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        keys = list(client.scan_iter(match=f"*{needle}*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +122,7 @@ def e2e_stack(tmp_path_factory) -> Iterator[E2EStack]:
                 worker.wait(10)
         log.close()
         patch.undo()
-        _delete_keys(prefix)
+        delete_keys(REDIS_URL, prefix)
 
 
 @pytest.fixture(scope="module")

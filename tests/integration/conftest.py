@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import pytest
 
+from web.testing import delete_keys
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEST_MODEL = "efficientnet_lite0"
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -65,20 +67,6 @@ def redis_url() -> str:
     return url
 
 
-def _delete_keys(redis_url: str, needle: str) -> None:
-    """Delete this session's keys, and its entries in kombu's shared ``unacked`` hash."""
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"*{needle}*"))
-    if keys:
-        client.delete(*keys)
-    mine = [tag for tag, payload in client.hscan_iter("unacked") if needle.encode() in payload]
-    if mine:
-        client.hdel("unacked", *mine)
-        client.zrem("unacked_index", *mine)
-
-
 @pytest.fixture(scope="session")
 def queue_prefix(redis_url: str) -> Iterator[str]:
     """A unique queue prefix for this session, also set in this process's env."""
@@ -89,7 +77,7 @@ def queue_prefix(redis_url: str) -> Iterator[str]:
         yield prefix
     finally:
         patch.undo()
-        _delete_keys(redis_url, prefix)
+        delete_keys(redis_url, prefix)
 
 
 # --------------------------------------------------------------------------- databases
@@ -127,6 +115,19 @@ def _create_pg_database() -> tuple[str, Callable[[], None]]:
         admin.dispose()
 
     return url, drop
+
+
+@pytest.fixture
+def fresh_postgres_url() -> Iterator[str]:
+    """An empty (not migrated) PostgreSQL database, dropped after the test."""
+    problem = _postgres_available()
+    if problem:
+        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {problem}")
+    url, drop = _create_pg_database()
+    try:
+        yield url
+    finally:
+        drop()
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])

@@ -12,21 +12,9 @@ from sqlalchemy import create_engine, text
 
 from shared.db.migrations import head_revision
 
-from .conftest import PG_ADMIN_URL, _create_pg_database, _postgres_available
 
 pytestmark = [pytest.mark.timeout(300)]
 
-
-@pytest.fixture
-def fresh_postgres_url():
-    problem = _postgres_available()
-    if problem:
-        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {problem}")
-    url, drop = _create_pg_database()
-    try:
-        yield url
-    finally:
-        drop()
 
 
 def test_concurrent_upgrades_on_a_fresh_postgres_database(fresh_postgres_url, tmp_path):
@@ -79,38 +67,30 @@ def test_job_round_trip_keeps_uuid_json_and_timezones(database_url):
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_migration_0002_keeps_existing_jobs(tmp_path, backend):
+def test_migration_0002_keeps_existing_jobs(tmp_path, backend, request):
     """A database holding jobs from before several targets and results
     (revision 0001) upgrades in place: rows kept, the new columns empty."""
     from shared.db.migrations import upgrade_database
     from shared.db.models import Job
     from shared.db.session import session_scope
 
-    drop = None
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
     else:
-        problem = _postgres_available()
-        if problem:
-            pytest.skip(f"PostgreSQL not reachable: {problem}")
-        url, drop = _create_pg_database()
-    try:
-        upgrade_database(url, revision="0001", force=True)
-        job_id = uuid.uuid4()
-        engine = create_engine(url)
-        with engine.begin() as conn:
-            conn.execute(text(
-                "INSERT INTO jobs (id, status, model, config, image_sha256, image_width, image_height, "
-                "image_filename, progress_iteration, progress_total, cancel_requested, created_at, attempts) "
-                "VALUES (:id, 'succeeded', 'vgg19', '{}', :sha, 4, 4, 'x.png', 5, 5, false, :now, 1)"),
-                {"id": job_id.hex if backend == "sqlite" else str(job_id), "sha": "0" * 64,
-                 "now": "2026-01-01 00:00:00"})
-        engine.dispose()
-        assert upgrade_database(url, force=True) == "0002"
-        with session_scope(url) as session:
-            job = session.get(Job, job_id)
-            assert job is not None and job.status == "succeeded" and job.progress_total == 5
-            assert job.results is None and job.targets is None and job.top_k is None
-    finally:
-        if drop is not None:
-            drop()
+        url = request.getfixturevalue("fresh_postgres_url")
+    upgrade_database(url, revision="0001", force=True)
+    job_id = uuid.uuid4()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO jobs (id, status, model, config, image_sha256, image_width, image_height, "
+            "image_filename, progress_iteration, progress_total, cancel_requested, created_at, attempts) "
+            "VALUES (:id, 'succeeded', 'vgg19', '{}', :sha, 4, 4, 'x.png', 5, 5, false, :now, 1)"),
+            {"id": job_id.hex if backend == "sqlite" else str(job_id), "sha": "0" * 64,
+             "now": "2026-01-01 00:00:00"})
+    engine.dispose()
+    assert upgrade_database(url, force=True) == "0002"
+    with session_scope(url) as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.status == "succeeded" and job.progress_total == 5
+        assert job.results is None and job.targets is None and job.top_k is None

@@ -30,16 +30,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import (
-    PG_ADMIN_URL,
-    REPO_ROOT,
-    WorkerProcess,
-    _create_pg_database,
-    _delete_keys,
-    _postgres_available,
-    wait_for,
-    worker_env,
-)
+from web.testing import delete_keys
+
+from .conftest import REPO_ROOT, WorkerProcess, wait_for, worker_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.realmodel, pytest.mark.timeout(1200)]
 
@@ -131,19 +124,7 @@ def status_counts(database_url: str) -> dict[str, int]:
     return {status: int(count) for status, count in rows}
 
 
-@pytest.fixture
-def pg_database() -> str:
-    problem = _postgres_available()
-    if problem:
-        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {problem}")
-    url, drop = _create_pg_database()
-    try:
-        yield url
-    finally:
-        drop()
-
-
-def test_500_concurrent_jobs_all_succeed_exactly_once(pg_database, tmp_path):
+def test_500_concurrent_jobs_all_succeed_exactly_once(fresh_postgres_url, tmp_path):
     import redis
     import requests
     from sqlalchemy import func, select
@@ -160,8 +141,8 @@ def test_500_concurrent_jobs_all_succeed_exactly_once(pg_database, tmp_path):
     prefix = f"ebbtest-load-{uuid.uuid4().hex[:8]}"
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    upgrade_database(pg_database)  # once, before gunicorn's workers start in parallel
-    env = worker_env(database_url=pg_database, redis_url=REDIS_URL, data_dir=data_dir,
+    upgrade_database(fresh_postgres_url)  # once, before gunicorn's workers start in parallel
+    env = worker_env(database_url=fresh_postgres_url, redis_url=REDIS_URL, data_dir=data_dir,
                      queue_prefix=prefix, EBB_MAX_BATCH="4", EBB_SECRET_KEY="load-test",
                      EBB_RATE_LIMIT="off")
     env.pop("EBB_API_TOKENS", None)
@@ -207,18 +188,18 @@ def test_500_concurrent_jobs_all_succeed_exactly_once(pg_database, tmp_path):
 
         # ---- wait until every job is terminal
         def all_terminal():
-            counts = status_counts(pg_database)
+            counts = status_counts(fresh_postgres_url)
             return sum(counts.get(s, 0) for s in TERMINAL) >= JOBS and counts
 
         try:
             counts = wait_for(all_terminal, FINISH_TIMEOUT_S, 2.0, what=f"{JOBS} jobs to finish")
         except AssertionError as error:
-            raise AssertionError(f"{error}: {status_counts(pg_database)}\n"
+            raise AssertionError(f"{error}: {status_counts(fresh_postgres_url)}\n"
                                  f"worker 1:\n{workers[0].tail()}\nworker 2:\n{workers[1].tail()}")
         timings["process_s"] = time.monotonic() - t0 - timings["submit_s"]
 
         # ---- exactly once, nothing lost, nothing extra
-        with session_scope(pg_database) as session:
+        with session_scope(fresh_postgres_url) as session:
             total = int(session.scalar(select(func.count()).select_from(Job)))
             rows = session.execute(select(Job.id, Job.status, Job.attempts, Job.worker_hostname,
                                           Job.error)).all()
@@ -248,4 +229,4 @@ def test_500_concurrent_jobs_all_succeed_exactly_once(pg_database, tmp_path):
         for worker in workers:
             if worker.proc is not None:
                 worker.stop()
-        _delete_keys(REDIS_URL, prefix)
+        delete_keys(REDIS_URL, prefix)

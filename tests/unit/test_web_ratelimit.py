@@ -28,17 +28,7 @@ LIMIT = "2/minute"
 
 
 APPS = TestApps(REDIS_DB, PREFIX)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _redis():
-    yield from APPS.redis_scope()
-
-
-@pytest.fixture(autouse=True)
-def _dispose_engines():
-    yield
-    APPS.dispose()
+_redis, _dispose_engines = APPS.module_fixtures()
 
 
 def make_app(tmp_path: Path, monkeypatch, reset: bool = True, **env):
