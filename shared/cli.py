@@ -5,7 +5,10 @@ Subcommands:
 * ``ebb db upgrade`` / ``ebb db current`` -- migrate / inspect the database;
 * ``ebb worker`` -- a Celery worker serving ``EBB_MODEL`` on ``explain.<model>``;
 * ``ebb reap`` -- one pass of the stale-job reaper;
-* ``ebb run`` -- everything locally: Redis, one worker, the web app.
+* ``ebb run`` -- everything locally: Redis, one worker, the web app;
+* ``ebb web`` -- the production web server (gunicorn);
+* ``ebb submit`` / ``ebb workers`` -- a client of a running service
+  (:mod:`shared.client`).
 
 Each subcommand is registered by an ``add_*_command(subparsers)`` function
 that sets ``func`` (``func(args) -> int``); heavy modules (torch, Celery,
@@ -28,6 +31,9 @@ from typing import Callable, Sequence
 
 from shared.commands import explain as explain_command
 from shared.commands import models as models_command
+from shared.commands import submit as submit_command
+from shared.commands import web as web_command
+from shared.commands import workers as workers_command
 
 log = logging.getLogger("ebb")
 
@@ -362,6 +368,9 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_worker_command,
     add_reap_command,
     add_run_command,
+    web_command.register,
+    submit_command.register,
+    workers_command.register,
 ]
 
 
