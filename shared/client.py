@@ -21,6 +21,7 @@ prints: progress is reported through ``wait(on_progress=...)``.
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -93,6 +94,14 @@ def artifact_filename(key: str) -> str:
     return f"{stem}.{ext}" if sep and stem and ext else key
 
 
+def _describe(error: requests.RequestException) -> str:
+    """A short reason for a failed request (``Connection refused``, ``timed out``)."""
+    if isinstance(error, requests.Timeout):
+        return "timed out"
+    found = re.findall(r"\[Errno -?\d+\] ([^'\")\]]+)", str(error))
+    return found[-1].strip() if found else (str(error) or type(error).__name__)
+
+
 def _field_value(value: Any) -> str:
     """A form value: lists/tuples comma-joined, booleans ``1``/``0``, others ``str()``."""
     if isinstance(value, bool):
@@ -156,7 +165,7 @@ class ExplainClient:
             response = self.session.request(method, url, **kwargs)
         except requests.RequestException as error:
             raise ExplainClientError(None, "connection_error",
-                                     f"cannot reach {self.url}: {error}") from error
+                                     f"cannot reach {self.url}: {_describe(error)}") from error
         if response.status_code >= 400:
             raise self._error(response)
         return response
