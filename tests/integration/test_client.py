@@ -189,7 +189,7 @@ def test_client_errors_are_the_servers_words(client, service, three_images):
 
     with pytest.raises(ExplainClientError) as error:
         client.submit(three_images[0], model="no-such-model")
-    assert (error.value.status, error.value.code, error.value.field) == (400, "invalid_value", "model")
+    assert (error.value.status, error.value.code, error.value.field) == (400, "unknown_model", "model")
 
     missing = str(uuid.uuid4())
     with pytest.raises(ExplainClientError) as error:
