@@ -233,7 +233,8 @@ class ExplainClient:
         return self._json("POST", f"jobs/{job_id}/cancel")
 
     def wait(self, job_ids: str | Iterable[str], poll: float = 1.0, timeout: float | None = None,
-             on_progress: Callable[[list[dict[str, Any]]], None] | None = None) -> Any:
+             on_progress: Callable[[list[dict[str, Any]]], None] | None = None,
+             max_errors: int = 5) -> Any:
         """Poll jobs until every one is succeeded, failed or cancelled.
 
         :param job_ids: one job id (then one job dict is returned) or several
@@ -243,15 +244,28 @@ class ExplainClient:
             :class:`WaitTimeout` (None: wait as long as it takes).
         :param on_progress: called after every polling round with the latest
             JSON of all the jobs (finished ones included).
+        :param max_errors: polling rounds in a row that may fail with a
+            transient error (server unreachable, 5xx: e.g. a web restart)
+            before that error is raised; 4xx errors are raised at once.
         """
         single = isinstance(job_ids, str)
         ids = [job_ids] if single else [str(j) for j in job_ids]
         latest: dict[str, dict[str, Any]] = {}
         deadline = None if timeout is None else time.monotonic() + timeout
+        errors = 0
         while True:
-            for job_id in ids:
-                if latest.get(job_id, {}).get("status") not in TERMINAL_STATUSES:
-                    latest[job_id] = self.get(job_id)
+            try:
+                for job_id in ids:
+                    if latest.get(job_id, {}).get("status") not in TERMINAL_STATUSES:
+                        latest[job_id] = self.get(job_id)
+                errors = 0
+            except ExplainClientError as error:
+                transient = error.status is None or error.status >= 500
+                errors += 1
+                if not transient or errors > max_errors or (deadline is not None and time.monotonic() >= deadline):
+                    raise
+                time.sleep(poll)
+                continue
             jobs = [latest[j] for j in ids]
             if on_progress is not None:
                 on_progress(jobs)

@@ -7,9 +7,10 @@
   it words them, ``ebb submit: error: <message> (field: <field>)``.
 * A refused image (the server blames the ``image`` field: not an image, too
   large) is reported and the others are still sent; any other refusal (a bad
-  option, a missing token, the rate limit, the server unreachable) would
-  refuse every image alike, so submitting stops there (jobs already
-  submitted keep running, and are waited for with ``--wait``).
+  option, a missing token, the server unreachable) would refuse every image
+  alike, so submitting stops there (jobs already
+  submitted keep running, and are waited for with ``--wait``). The rate
+  limit (429) is waited out first, following its ``Retry-After``.
 * Without ``--wait``: one line per job, ``IMAGE  ID  PAGE-URL``.
 * With ``--wait``: one progress bar over all the jobs' iterations, then each
   succeeded job's artifacts are downloaded into ``DIR/<image stem>/``
@@ -33,6 +34,10 @@ from typing import Any
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
 #: Default ``--out`` folder of ``--wait``.
 DEFAULT_OUT = "ebb-out"
+#: A submission refused by the rate limit (429) is retried after its
+#: ``Retry-After`` this many times, when that is at most this many seconds.
+RATE_LIMIT_RETRIES = 10
+RATE_LIMIT_MAX_WAIT_S = 120.0
 
 #: (flag, API field, help) of every submission field; the values are sent as
 #: typed, so the server does all the validation and words all the errors.
@@ -169,6 +174,27 @@ class _Progress:
         self.bar.close()
 
 
+def _submit(client: Any, image: Path, fields: dict[str, str]) -> dict[str, Any]:
+    """``client.submit``, waiting out the rate limit (429 with ``Retry-After``,
+    up to :data:`RATE_LIMIT_RETRIES` times, each wait at most
+    :data:`RATE_LIMIT_MAX_WAIT_S`)."""
+    import time
+
+    from shared.client import ExplainClientError
+
+    for attempt in range(RATE_LIMIT_RETRIES + 1):
+        try:
+            return client.submit(image, **fields)
+        except ExplainClientError as error:
+            wait = error.retry_after
+            if (error.status != 429 or wait is None or wait > RATE_LIMIT_MAX_WAIT_S
+                    or attempt == RATE_LIMIT_RETRIES):
+                raise
+            print(f"ebb submit: {error}; retrying in {wait:g} s", file=sys.stderr, flush=True)
+            time.sleep(max(wait, 0.5))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def _summary_line(name: str, job: dict[str, Any]) -> str:
     target = job.get("target") or {}
     scores = job.get("scores") or {}
@@ -199,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     refused = False
     for image in images:
         try:
-            job = client.submit(image, **fields)
+            job = _submit(client, image, fields)
         except OSError as error:
             _error(f"{image}: {error.strerror or error}")
             refused = True

@@ -344,3 +344,20 @@ def test_ebb_web_serves_the_api(service, tmp_path):
             proc.wait(10)
         log.close()
     assert proc.returncode == 0, (tmp_path / "web.log").read_text(errors="replace")
+
+
+def test_ebb_submit_waits_out_the_rate_limit(service, three_images, tmp_path):
+    """With 2 submissions per 3 seconds, the third image waits for ``Retry-After`` and is sent."""
+    stack, _ = service
+    limited = GunicornProcess(web_env(stack, EBB_RATE_LIMIT="2/3second",
+                                      EBB_RATE_LIMIT_PREFIX=f"{stack.queue_prefix}-rl-{uuid.uuid4().hex[:6]}"),
+                              tmp_path / "gunicorn.log", cwd=tmp_path / "gunicorn", workers=1)
+    limited.start()
+    try:
+        limited.wait_ready()
+        result = run_ebb("submit", *map(str, three_images), "--url", limited.base_url, *FAST_FLAGS, cwd=tmp_path)
+    finally:
+        limited.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(result.stdout.strip().splitlines()) == 3
+    assert "retrying in" in result.stderr
