@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -361,3 +362,37 @@ def test_ebb_submit_waits_out_the_rate_limit(service, three_images, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(result.stdout.strip().splitlines()) == 3
     assert "retrying in" in result.stderr
+
+
+def test_client_wait_rides_out_a_web_restart(service, three_images, tmp_path):
+    """``wait`` keeps polling while the web is down (connection refused) and returns once it is back."""
+    import threading
+
+    from shared.client import ExplainClient
+
+    stack, _ = service
+    web = GunicornProcess(web_env(stack), tmp_path / "gunicorn.log", cwd=tmp_path / "gunicorn", workers=1)
+    web.start()
+    restarted = None
+    try:
+        web.wait_ready()
+        client = ExplainClient(web.base_url)
+        job = client.submit(three_images[0], model=TEST_MODEL, iterations=300, input_size=96, mask_size=8)
+        outcome: dict = {}
+        polls: list[int] = []
+        waiter = threading.Thread(target=lambda: outcome.update(
+            job=client.wait(job["id"], poll=0.2, timeout=240, max_errors=1000,
+                            on_progress=lambda jobs: polls.append(1))))
+        waiter.start()
+        wait_for(lambda: polls, timeout=30, what="a first poll")
+        web.stop()
+        time.sleep(1.0)  # polls fail with "connection refused" meanwhile
+        assert waiter.is_alive() and not outcome
+        restarted = GunicornProcess(web_env(stack), tmp_path / "gunicorn2.log", cwd=tmp_path / "gunicorn2",
+                                    port=web.port, workers=1).start()
+        waiter.join(240)
+        assert outcome["job"]["status"] == "succeeded", outcome
+    finally:
+        web.stop()
+        if restarted is not None:
+            restarted.stop()
