@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -155,6 +156,10 @@ class BatchEngine:
         self._thread: threading.Thread | None = None
         self.steps = 0  # batched steps taken, for tests and metrics
         self.max_seen_batch = 0
+        #: Mask-iterations done (one job's run stepped once counts 1), and the
+        #: seconds spent stepping them: the fleet heartbeat's rates.
+        self.mask_iterations = 0
+        self.busy_s = 0.0
 
     # ----------------------------------------------------------------- public API
 
@@ -284,6 +289,7 @@ class BatchEngine:
                 groups.setdefault(_group_key(item[0]), []).append(item)
             for items in groups.values():
                 runs = [r for r, _ in items]
+                started = time.perf_counter()
                 try:
                     _step_group(self.classifier, runs)
                 except Exception as exc:  # e.g. out of memory: fail this group, keep serving
@@ -294,6 +300,8 @@ class BatchEngine:
                     self._active = [a for a in self._active if a not in items]
                     continue
                 self.steps += 1
+                self.mask_iterations += len(runs)
+                self.busy_s += time.perf_counter() - started
                 self.max_seen_batch = max(self.max_seen_batch, len(runs))
             self._retire()
         error = RuntimeError("the batch engine stopped before the job finished")
