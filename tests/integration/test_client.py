@@ -288,14 +288,7 @@ def test_ebb_submit_shows_the_server_error(service, three_images, tmp_path):
 
 
 def test_workers(client, service, tmp_path):
-    from shared.client import ExplainClientError
-
-    try:
-        fleet = client.workers()
-    except ExplainClientError as error:
-        if error.status == 404:
-            pytest.skip("GET /api/v1/workers is not on this branch yet")
-        raise
+    fleet = wait_for(client.workers, timeout=30, what="the worker's first heartbeat")
     assert any(w["model"] == TEST_MODEL for w in fleet), fleet
     result = run_ebb("workers", "--url", service[1], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
