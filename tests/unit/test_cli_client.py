@@ -211,3 +211,26 @@ def test_artifact_links_cover_every_result():
         "results/1/gradcam.png": "/api/v1/jobs/j/results/1/artifacts/gradcam_png",
     }
     assert ExplainClient.artifact_links({"artifacts": {}, "results": []}) == {}
+
+
+def test_submit_summary_lines():
+    ok = {"status": "succeeded", "target": {"index": 558, "label": "flute"}, "scores": {"before": 0.977, "after": 0.4}}
+    assert submit._summary_line("flute.jpg", ok) == "flute.jpg: succeeded, flute (558) score 0.977 -> 0.400"
+    failed = {"status": "failed", "error": "the model ran out of memory"}
+    assert submit._summary_line("x.png", failed) == "x.png: failed: the model ran out of memory"
+    assert submit._summary_line("x.png", {"status": "cancelled", "error": None}) == "x.png: cancelled"
+
+
+def test_submit_progress_bar_sums_every_jobs_iterations():
+    def job(status, iteration, total):
+        return {"status": status, "progress": {"iteration": iteration, "total": total}}
+
+    bar = submit._Progress([job("queued", 0, 100), job("queued", 0, 200)], disable=True)
+    assert bar.bar.total == 300
+    bar([job("running", 40, 100), job("queued", 0, 200)])
+    assert bar.bar.n == 40
+    bar([job("failed", 50, 100), job("running", 20, 200)])  # a finished job counts in full
+    assert bar.bar.n == 120
+    bar([job("failed", 50, 100), job("succeeded", 200, 200)])
+    assert bar.bar.n == bar.bar.total == 300
+    bar.close()
