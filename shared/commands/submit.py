@@ -144,7 +144,9 @@ class _Progress:
     def __init__(self, jobs: list[dict[str, Any]], disable: bool) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=self._total(jobs), unit="it", desc=f"{len(jobs)} job(s)",
+        self.total = self._total(jobs)
+        self.done = 0
+        self.bar = tqdm(total=self.total, unit="it", desc=f"{len(jobs)} job(s)",
                         disable=disable, dynamic_ncols=True)
 
     @staticmethod
@@ -161,14 +163,15 @@ class _Progress:
 
     def __call__(self, jobs: list[dict[str, Any]]) -> None:
         total = self._total(jobs)
-        if total != self.bar.total:
-            self.bar.total = total
+        if total != self.total:
+            self.total = self.bar.total = total
         done = sum(self._done(job) for job in jobs)
         counts: dict[str, int] = {}
         for job in jobs:
             counts[job["status"]] = counts.get(job["status"], 0) + 1
         self.bar.set_postfix_str(", ".join(f"{n} {status}" for status, n in sorted(counts.items())), refresh=False)
-        self.bar.update(done - self.bar.n)
+        self.bar.update(done - self.done)
+        self.done = done
 
     def close(self) -> None:
         self.bar.close()

@@ -226,11 +226,11 @@ def test_submit_progress_bar_sums_every_jobs_iterations():
         return {"status": status, "progress": {"iteration": iteration, "total": total}}
 
     bar = submit._Progress([job("queued", 0, 100), job("queued", 0, 200)], disable=True)
-    assert bar.bar.total == 300
+    assert bar.total == 300
     bar([job("running", 40, 100), job("queued", 0, 200)])
-    assert bar.bar.n == 40
+    assert bar.done == 40
     bar([job("failed", 50, 100), job("running", 20, 200)])  # a finished job counts in full
-    assert bar.bar.n == 120
+    assert bar.done == 120
     bar([job("failed", 50, 100), job("succeeded", 200, 200)])
-    assert bar.bar.n == bar.bar.total == 300
+    assert bar.done == bar.total == 300
     bar.close()
