@@ -379,10 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ebb`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from shared.logs import configure_logging
+
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
