@@ -29,16 +29,13 @@ from flask import Blueprint, Response, current_app
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from shared.metrics import JOBS_FINISHED
+
 log = logging.getLogger(__name__)
 
 bp = Blueprint("metrics", __name__)
 
 JOBS_SUBMITTED = Counter("ebb_jobs_submitted", "Jobs accepted and queued by the web, by model.", ["model"])
-JOBS_FINISHED = Counter(
-    "ebb_jobs_finished",
-    "Jobs that ended, by final status; the web counts the queued jobs it cancels itself "
-    "(the workers count the rest on their own endpoints).",
-    ["model", "status"])
 
 #: Seconds the scrape waits for Redis.
 REDIS_TIMEOUT_S = 1.0

@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping
 
 from prometheus_client import Counter, Histogram, start_http_server
 
+from shared.metrics import JOBS_FINISHED
+
 log = logging.getLogger(__name__)
 
 #: Job run times: seconds to an hour and more (a VGG19 job on a CPU takes minutes).
@@ -30,11 +32,6 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 JOBS_STARTED = Counter(
     "ebb_jobs_started", "Job attempts a worker started (claimed).", ["model"])
-JOBS_FINISHED = Counter(
-    "ebb_jobs_finished",
-    "Jobs that ended, by final status (succeeded, failed, cancelled); "
-    "the web counts the queued jobs it cancels itself.",
-    ["model", "status"])
 JOBS_REQUEUED = Counter(
     "ebb_jobs_requeued", "Job attempts handed back to the queue (the worker was stopping).", ["model"])
 JOB_DURATION = Histogram(
