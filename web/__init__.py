@@ -39,6 +39,8 @@ class WebState:
     labels: list[str]
     celery: Any = None
     label_index: dict[str, int] = field(default_factory=dict)
+    #: Redis client for the fleet's heartbeats (created on first use, see web.fleet).
+    redis: Any = None
 
 
 def _secret_key() -> str:

@@ -8,6 +8,7 @@ from flask import Blueprint, jsonify, request, send_file, url_for
 
 from shared.attribution.config import PerturbationConfig
 
+from . import fleet
 from . import jobs as jobs_svc
 from .db import get_db, state
 from .errors import ApiError
@@ -135,6 +136,7 @@ def job_result_artifact(job_id: uuid.UUID, k: int, name: str):
 def list_models():
     st = state()
     input_size = PerturbationConfig().input_size
+    queued = fleet.queued_counts(get_db())
     return jsonify({
         "default": st.settings.models[0],
         "models": [
@@ -144,10 +146,24 @@ def list_models():
                 "input_size": input_size,
                 "num_classes": len(st.labels),
                 "labels": st.labels,
+                "workers_online": fleet.workers_online(name),
+                "queued": queued.get(name, 0),
             }
             for name in st.settings.models
         ],
     })
+
+
+@bp.get("/workers")
+def list_workers():
+    """The live workers, from their heartbeats (503 when Redis cannot be read)."""
+    workers = fleet.live_workers()
+    if workers is None:
+        raise ApiError(503, "fleet_unavailable",
+                       "The worker heartbeats cannot be read right now (Redis is unreachable).")
+    response = jsonify({"workers": workers})
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 def _queue(model: str) -> str:

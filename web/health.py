@@ -7,7 +7,10 @@ import logging
 from flask import Blueprint, jsonify
 from sqlalchemy import text
 
+from shared.fleet import workers_by_model
+
 from .db import get_db, state
+from .fleet import live_workers
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +27,11 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    """200 when the database answers ``SELECT 1`` and Redis answers PING, else 503."""
+    """200 when the database answers ``SELECT 1`` and Redis answers PING, else 503.
+
+    The body also counts the live workers per model (``workers``); a model
+    without a worker does not make the web unready: jobs wait for one.
+    """
     checks: dict[str, str] = {}
     try:
         get_db().execute(text("SELECT 1"))
@@ -48,6 +55,11 @@ def readyz():
         checks["redis"] = f"error: {type(exc).__name__}"
     failed = [name for name, result in checks.items() if result != "ok"]
     body = {"status": "ready" if not failed else "unavailable", "checks": checks}
+    # Informational, never a failure: workers may join later (the web itself is ready).
+    workers = live_workers() if checks["redis"] == "ok" else None
+    if workers is not None:
+        online = workers_by_model(workers)
+        body["workers"] = {name: online.get(name, 0) for name in dict.fromkeys([*state().settings.models, *online])}
     if failed:
         body["failed"] = failed
     response = jsonify(body)

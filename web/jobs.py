@@ -30,6 +30,7 @@ from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
 from shared.imaging.render import ARTIFACT_NAMES, EXTRA_ARTIFACT_NAMES, RESULTS_SUBDIR
 
 from .errors import ApiError
+from .fleet import queue_info, scoring_estimate_s
 
 log = logging.getLogger(__name__)
 
@@ -736,6 +737,9 @@ def job_to_dict(db: Session, storage: Any, job: Job) -> dict[str, Any]:
     total = int(job.progress_total or 0)
     iteration = int(job.progress_iteration or 0)
     elapsed, eta = elapsed_and_eta(job)
+    if eta is not None and job.status == JobStatus.RUNNING.value:
+        eta = round(eta + scoring_estimate_s(db, job.model), 3)  # the scoring after the last step
+    position = queue_position(db, job)
     results = results_to_list(storage, job)
     top_k = _int(job.top_k)
     return {
@@ -760,7 +764,8 @@ def job_to_dict(db: Session, storage: Any, job: Job) -> dict[str, Any]:
         "artifacts": artifact_urls(storage, job),
         "metrics": metrics_summary(results),
         "results": results,
-        "queue_position": queue_position(db, job),
+        "queue_position": position,
+        "queue": queue_info(db, job, position),
         "current_score": finite_number(job.current_score),
         "elapsed_s": elapsed,
         "eta_s": eta,

@@ -63,6 +63,7 @@ class StackCollector:
     def collect(self) -> Iterable[Any]:
         import redis
 
+        from shared import fleet
         from worker.celery_app import queue_for
 
         up = GaugeMetricFamily("ebb_redis_up", "1 when the broker answered this scrape, else 0.")
@@ -78,9 +79,7 @@ class StackCollector:
                 pipe.llen(queue_for(model))
             lengths = pipe.execute()
             counts = {model: 0 for model in self.models}
-            for worker in _list_workers(client):
-                model = str(worker.get("model") or "")
-                counts[model] = counts.get(model, 0) + 1
+            counts.update(fleet.workers_by_model(fleet.list_workers(client)))
         except Exception as error:  # noqa: BLE001 - a scrape never fails for Redis
             log.warning("metrics: Redis unreachable: %s: %s", type(error).__name__, error)
             up.add_metric([], 0)
@@ -96,15 +95,6 @@ class StackCollector:
         yield up
         yield queues
         yield online
-
-
-def _list_workers(client) -> list[dict]:
-    """The live workers (:func:`shared.fleet.list_workers`); none before that module exists."""
-    try:
-        from shared.fleet import list_workers
-    except ImportError:  # pragma: no cover - the heartbeats land separately
-        return []
-    return list(list_workers(client))
 
 
 class _Merged:

@@ -176,12 +176,35 @@ _RESULT = {
                  "artifacts"],
 }
 
+_WORKER = {
+    "type": "object",
+    "required": ["hostname", "model", "device", "precision", "max_batch", "running_jobs",
+                 "jobs_done", "iterations_per_s", "started_at", "last_seen", "version"],
+    "properties": {
+        "hostname": {"type": "string", "description": "Celery node name, as on the jobs it runs."},
+        "model": {"type": "string"},
+        "device": {"type": "string", "description": "`cpu` or the GPU's name, e.g. `NVIDIA H200`."},
+        "precision": {"type": "string", "description": "Default precision of its jobs."},
+        "max_batch": {"type": "integer", "minimum": 1},
+        "running_jobs": {"type": "integer", "minimum": 0},
+        "jobs_done": {"type": "integer", "minimum": 0,
+                      "description": "Jobs it finished since it started."},
+        "iterations_per_s": {"type": "number", "minimum": 0,
+                             "description": "Mask-iterations per second over the last minute."},
+        "busy_iterations_per_s": {"type": "number", "minimum": 0,
+                                  "description": "Mask-iterations per second of busy time."},
+        "started_at": {"type": "string", "format": "date-time"},
+        "last_seen": {"type": "string", "format": "date-time"},
+        "version": {"type": "string"},
+    },
+}
+
 _JOB = {
     "type": "object",
     "required": [
         "id", "status", "model", "target", "targets", "top_k", "progress", "scores", "top5",
         "config", "created_at", "started_at", "finished_at", "error", "artifacts", "metrics",
-        "results", "queue_position", "current_score", "elapsed_s", "eta_s", "attempts",
+        "results", "queue_position", "queue", "current_score", "elapsed_s", "eta_s", "attempts",
         "worker", "timings", "image", "links",
     ],
     "properties": {
@@ -234,10 +257,31 @@ _JOB = {
             "description": "1-based place among the queued jobs of the same model "
                            "(null unless queued).",
         }),
+        "queue": _nullable({
+            "type": "object",
+            "description": "While queued: where the job stands and whether any worker serves "
+                           "its model (null once it started). A job for a model with no live "
+                           "worker is accepted and waits until one joins.",
+            "required": ["position", "workers_online", "eta_s"],
+            "properties": {
+                "position": _nullable({"type": "integer", "minimum": 1}),
+                "workers_online": _nullable({
+                    "type": "integer", "minimum": 0,
+                    "description": "Live workers serving the job's model (null: the heartbeats "
+                                   "cannot be read)."}),
+                "eta_s": _nullable({
+                    "type": "number", "minimum": 0,
+                    "description": "Seconds until the job is done: the work queued ahead of it "
+                                   "and its own, at the rate the model's workers measured, plus "
+                                   "the usual scoring time (null while no rate is known)."}),
+            },
+        }),
         "current_score": _nullable({"type": "number",
                                     "description": "Target probability at the current step."}),
         "elapsed_s": _nullable({"type": "number", "minimum": 0}),
-        "eta_s": _nullable({"type": "number", "minimum": 0}),
+        "eta_s": _nullable({"type": "number", "minimum": 0,
+                            "description": "While running: seconds left, including the scoring "
+                                           "after the last iteration."}),
         "attempts": {"type": "integer", "minimum": 0},
         "worker": _nullable({"type": "string"}),
         "timings": _nullable({"type": "object", "additionalProperties": True}),
@@ -626,12 +670,39 @@ def _base_document(server_url: str) -> dict[str, Any]:
                                             "num_classes": {"type": "integer"},
                                             "labels": {"type": "array",
                                                        "items": {"type": "string"}},
+                                            "workers_online": _nullable({
+                                                "type": "integer", "minimum": 0,
+                                                "description": "Live workers serving the model "
+                                                               "(null: heartbeats unreadable)."}),
+                                            "queued": {"type": "integer", "minimum": 0,
+                                                       "description": "Jobs of the model waiting "
+                                                                      "in its queue."},
                                         },
                                     }},
                                 },
                             }}},
                         },
                         "405": errors["405"],
+                    },
+                },
+            },
+            "/workers": {
+                "get": {
+                    "operationId": "listWorkers",
+                    "summary": "The live workers, from their heartbeats (a worker that misses "
+                               "two or three heartbeats is gone).",
+                    "responses": {
+                        "200": {
+                            "description": "The fleet.",
+                            "content": {"application/json": {"schema": {
+                                "type": "object",
+                                "required": ["workers"],
+                                "properties": {"workers": {"type": "array", "items": _WORKER}},
+                            }}},
+                        },
+                        "405": errors["405"],
+                        "503": _error_response("The heartbeats cannot be read (Redis is down).",
+                                               "fleet_unavailable"),
                     },
                 },
             },

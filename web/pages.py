@@ -1,4 +1,4 @@
-"""HTML pages: the upload form, the live job page and the job list."""
+"""HTML pages: the upload form, the live job page, the job list and the fleet."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from flask import (
 from sqlalchemy import func, select
 
 from shared.db.models import Job, JobStatus
+from shared.fleet import interval_s, workers_by_model
 
-from . import charts
+from . import charts, fleet
 from . import jobs as jobs_svc
 from .db import get_db, state
 from .errors import ApiError
@@ -144,7 +145,12 @@ def _new_form(formdata: Any = None) -> JobForm:
     else:
         form = JobForm()
     models = state().settings.models
-    form.model.choices = list(models)
+    online = fleet.live_workers()
+    counts = workers_by_model(online) if online is not None else None
+    form.model.choices = [
+        (name, name if counts is None or counts.get(name) else f"{name} (no worker online: jobs wait)")
+        for name in models
+    ]
     if not form.model.data:
         form.model.data = models[0]
     return form
@@ -226,6 +232,22 @@ def jobs():
         elapsed, _ = jobs_svc.elapsed_and_eta(job)
         items.append({"job": job, "elapsed": elapsed})
     return render_template("jobs.html", items=items, page=page, pages=pages, total=total)
+
+
+@bp.get("/workers")
+def workers():
+    """The fleet: every live worker, refreshed by the page every few seconds."""
+    db = get_db()
+    st = state()
+    online = fleet.live_workers()
+    queued = fleet.queued_counts(db)
+    counts = workers_by_model(online or [])
+    models = [
+        {"name": name, "workers": counts.get(name, 0), "queued": queued.get(name, 0)}
+        for name in dict.fromkeys([*st.settings.models, *counts])
+    ]
+    return render_template("workers.html", workers=online, models=models,
+                           refresh_s=max(2, round(interval_s())))
 
 
 @bp.get("/jobs/<uuid:job_id>")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -133,9 +134,10 @@ class BatchEngine:
         channels_last: convert the model's 4-D weights to ``channels_last``
             in place; ``None`` (default) = :func:`wants_channels_last`.
         on_batch: called on the engine thread after every batched step as
-            ``on_batch(kind, runs, masks)``: ``kind`` ``"mp"`` or
+            ``on_batch(kind, runs, iterations)``: ``kind`` ``"mp"`` or
             ``"extremal"``, the runs stepped together and the mask-iterations
-            done (an extremal run steps one mask per area). The worker's
+            done (one run stepped once counts 1, as in
+            :attr:`mask_iterations`). The worker's
             metrics hook (:func:`worker.metrics.engine_hook`); its errors are
             logged and ignored.
     """
@@ -162,6 +164,10 @@ class BatchEngine:
         self._thread: threading.Thread | None = None
         self.steps = 0  # batched steps taken, for tests and metrics
         self.max_seen_batch = 0
+        #: Mask-iterations done (one job's run stepped once counts 1), and the
+        #: seconds spent stepping them: the fleet heartbeat's rates.
+        self.mask_iterations = 0
+        self.busy_s = 0.0
         self.on_batch = on_batch
 
     # ----------------------------------------------------------------- public API
@@ -278,7 +284,7 @@ class BatchEngine:
 
     def _report_batch(self, runs: list, before: list[int]) -> None:
         kind = "mp" if isinstance(runs[0], MaskOptimisation) else "extremal"
-        masks = sum((r.iteration - b) * len(getattr(r, "areas", None) or (1,)) for r, b in zip(runs, before))
+        masks = sum(r.iteration - b for r, b in zip(runs, before))
         try:
             self.on_batch(kind, len(runs), masks)
         except Exception:  # noqa: BLE001 - metrics never stop the optimisation
@@ -301,6 +307,7 @@ class BatchEngine:
             for items in groups.values():
                 runs = [r for r, _ in items]
                 before = [r.iteration for r in runs]
+                started = time.perf_counter()
                 try:
                     _step_group(self.classifier, runs)
                 except Exception as exc:  # e.g. out of memory: fail this group, keep serving
@@ -311,6 +318,8 @@ class BatchEngine:
                     self._active = [a for a in self._active if a not in items]
                     continue
                 self.steps += 1
+                self.mask_iterations += len(runs)
+                self.busy_s += time.perf_counter() - started
                 self.max_seen_batch = max(self.max_seen_batch, len(runs))
                 if self.on_batch is not None:
                     self._report_batch(runs, before)

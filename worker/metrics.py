@@ -46,7 +46,7 @@ BATCH_SIZE = Histogram(
     ["model", "kind"], buckets=BATCH_BUCKETS)
 MASK_ITERATIONS = Counter(
     "ebb_mask_iterations",
-    "Mask optimisation steps done (one per mask per step; an extremal run counts each area's mask); "
+    "Mask-iterations done (one job's mask, or extremal run, stepped once counts 1); "
     "rate() gives the mask-iterations per second.",
     ["model"])
 

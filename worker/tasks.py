@@ -45,6 +45,7 @@ class JobFailed(Exception):
     logged without a traceback; acknowledged, never retried)."""
 
 _reaper = None
+_heartbeat = None
 _prefork = False
 
 
@@ -59,9 +60,10 @@ def _requeue(job_id: uuid.UUID, model: str) -> None:
     send_explain(job_id, model, app=celery_app)
 
 
-def start_worker_process() -> None:
-    """Migrate the database, load the model, start the reaper; exit on failure."""
-    global _reaper
+def start_worker_process(hostname: str | None = None) -> None:
+    """Migrate the database, load the model, start the reaper and the fleet
+    heartbeat (as ``hostname``, the Celery node name); exit on failure."""
+    global _reaper, _heartbeat
     from shared import settings as settings_mod
     from shared.db.migrations import upgrade_database
     from worker.reaper import DEFAULT_REAP_INTERVAL_S, ReaperThread, resend_queued_after_s
@@ -94,6 +96,13 @@ def start_worker_process() -> None:
                                    requeue_queued_after_s=resend_queued_after_s(),
                                    jobs_dir=runtime.storage.jobs_dir)
             _reaper.start()
+    if _heartbeat is None:
+        from shared import fleet
+        from worker.heartbeat import FleetHeartbeat
+
+        _heartbeat = FleetHeartbeat(runtime, hostname or runtime.hostname, settings.redis_url,
+                                    fleet.interval_s()).start()
+        log.info("worker %s serving %s joined the fleet", _heartbeat.hostname, runtime.model_name)
 
 
 @signals.after_setup_logger.connect
@@ -117,7 +126,7 @@ def _on_worker_init(sender=None, **_kwargs) -> None:
 
         upgrade_database(settings_mod.load().database_url)
         return
-    start_worker_process()
+    start_worker_process(getattr(sender, "hostname", None))
 
 
 @signals.worker_process_init.connect
@@ -137,6 +146,8 @@ def _on_worker_shutting_down(**_kwargs) -> None:
         runtime_mod._runtime.stopping.set()
     if _reaper is not None:
         _reaper.stop()
+    if _heartbeat is not None:
+        _heartbeat.stop()
 
 
 def report_outcome(task, outcome: str, details: dict) -> str:

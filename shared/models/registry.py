@@ -49,6 +49,7 @@ __all__ = [
     "WeightsUnavailableError",
     "available_models",
     "describe",
+    "fetch_weights",
     "load_model",
     "load_state_dict_file",
 ]
@@ -407,6 +408,33 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu", weights_file: 
     classifier.module.to(dev)
     log.info("loaded model %s on %s", key, dev)
     return classifier
+
+
+def fetch_weights(name: str, *, weights_file: str | None = None) -> Path:
+    """Make sure ``name``'s weights are on disk, without building the model.
+
+    The same lookup :func:`load_model` does: ``weights_file`` when given, else
+    the packaged checkpoint (bundled models) or torchvision's cache, which is
+    downloaded into ``$TORCH_HOME/hub/checkpoints/`` if missing.
+
+    Returns:
+        The weights file's path.
+    Raises:
+        ValueError: unknown model name.
+        WeightsUnavailableError: not on disk and not downloadable; the message
+            names the file it looked for and how to provide it.
+    """
+    key = _canonical(name)
+    if weights_file is not None and str(weights_file).strip():
+        path = Path(weights_file).expanduser()
+        if not path.is_file():
+            raise WeightsUnavailableError(
+                f"weights for model {key!r} are not available: the weights file {path} does not exist "
+                f"(set by {WEIGHTS_FILE_ENV}).", model=key, expected_path=path)
+        return path
+    if key in BUNDLED_MODELS:
+        return _lite_checkpoint(key)
+    return _tv_fetch(key, _tv_weights(key))
 
 
 def describe(name: str) -> dict[str, Any]:

@@ -216,8 +216,8 @@ def test_engine_reports_batch_sizes_and_mask_iterations(tiny):
     finally:
         engine.stop()
     assert sum(m for kind, _, m in seen if kind == "mp") == 4
-    assert sum(m for kind, _, m in seen if kind == "extremal") == 3 * 2  # one mask per area
-    assert sample("ebb_mask_iterations_total", model="engine-test") == iterations + 10
+    assert sum(m for kind, _, m in seen if kind == "extremal") == 3
+    assert sample("ebb_mask_iterations_total", model="engine-test") == iterations + 7 == iterations + engine.mask_iterations
     assert sample("ebb_engine_batch_size_count", model="engine-test", kind="mp") == len(
         [s for s in seen if s[0] == "mp"])
 
@@ -252,6 +252,19 @@ def test_web_metrics_count_submissions_and_read_the_queues(tmp_path, monkeypatch
     first = scrape(client)
     assert first["ebb_redis_up"][()] == 1
     assert first["ebb_queue_length"][(("model", model),)] == 0
+    assert first["ebb_workers_online"][(("model", model),)] == 0
+
+    import redis
+
+    from shared import fleet
+
+    redis_client = redis.Redis.from_url(APPS.redis_url)
+    try:  # two workers' heartbeats (under this run's EBB_QUEUE_PREFIX)
+        for name in ("a", "b"):
+            fleet.publish(redis_client, {"hostname": f"{name}@test", "model": model, "device": "cpu"}, 30.0)
+    finally:
+        redis_client.close()
+    assert scrape(client)["ebb_workers_online"][(("model", model),)] == 2
     submitted = first.get("ebb_jobs_submitted_total", {}).get((("model", model),), 0.0)
     cancelled = first.get("ebb_jobs_finished_total", {}).get((("model", model), ("status", "cancelled")), 0.0)
 

@@ -46,6 +46,14 @@
     set("elapsed", duration(job.elapsed_s));
     set("eta", duration(job.eta_s));
     if (job.queue_position) set("queue-position", job.queue_position);
+    var q = job.queue;
+    var noWorker = $("no-worker");
+    if (noWorker) noWorker.hidden = !(q && q.workers_online === 0);
+    var etaLine = $("queue-eta-line");
+    if (etaLine) {
+      etaLine.hidden = !(q && q.eta_s !== null && q.eta_s !== undefined);
+      if (!etaLine.hidden) set("queue-eta", duration(q.eta_s));
+    }
     if (job.cancel_requested) {
       var btn = $("cancel");
       if (btn) { btn.disabled = true; btn.textContent = "Stopping…"; }
