@@ -104,9 +104,13 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     hostname = args.hostname or worker_hostname(settings.model, device)
     # Importing the tasks registers them and the start-up hooks that load the
     # model (in the worker_init signal, before any message is consumed).
+    from shared.logs import log_format
     from worker.tasks import celery_app
 
-    celery_app.worker_main(worker_argv(settings.model, concurrency, hostname, args.loglevel))
+    argv = worker_argv(settings.model, concurrency, hostname, args.loglevel)
+    if log_format() == "json":
+        argv = ["--quiet", *argv]  # no start-up banner among the JSON lines
+    celery_app.worker_main(argv)
     return 0
 
 

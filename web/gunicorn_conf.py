@@ -69,6 +69,7 @@ def _logconfig() -> dict | None:
         "formatters": {"json": {"()": "shared.logs.JsonFormatter"}},
         "handlers": {"error": {**handler, "stream": "ext://sys.stderr"},
                      "access": {**handler, "stream": "ext://sys.stdout"}},
+        "root": {"level": "INFO", "handlers": ["error"]},
         "loggers": {
             "gunicorn.error": {"level": "INFO", "handlers": ["error"], "propagate": False},
             "gunicorn.access": {"level": "INFO", "handlers": ["access"], "propagate": False},
