@@ -291,3 +291,11 @@ def test_web_metrics_survive_a_dead_redis(tmp_path, monkeypatch):
     client = APPS.make(tmp_path, monkeypatch, REDIS_URL=DEAD_REDIS_URL).test_client()
     families = scrape(client)
     assert families["ebb_redis_up"][()] == 0 and "ebb_queue_length" not in families
+
+
+def test_web_metrics_need_a_token_when_the_api_does(tmp_path, monkeypatch):
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    client = APPS.make(tmp_path, monkeypatch, EBB_API_TOKENS="metrics-test-token").test_client()
+    assert client.get("/metrics").status_code in (302, 401)
+    response = client.get("/metrics", headers={"Authorization": "Bearer metrics-test-token"})
+    assert response.status_code == 200 and b"ebb_redis_up 1.0" in response.data
