@@ -299,3 +299,27 @@ def test_web_metrics_need_a_token_when_the_api_does(tmp_path, monkeypatch):
     assert client.get("/metrics").status_code in (302, 401)
     response = client.get("/metrics", headers={"Authorization": "Bearer metrics-test-token"})
     assert response.status_code == 200 and b"ebb_redis_up 1.0" in response.data
+
+
+def test_gunicorn_conf_prepares_the_multiprocess_folder(tmp_path):
+    """Imported by gunicorn's master: empties PROMETHEUS_MULTIPROC_DIR, or makes one."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "prom"
+    folder.mkdir()
+    (folder / "counter_123.db").write_bytes(b"stale")
+    (folder / "keep.txt").write_text("not ours")
+    code = "import os, web.gunicorn_conf as c; print(os.environ['PROMETHEUS_MULTIPROC_DIR']); print(c.workers)"
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder), "EBB_WEB_WORKERS": "3"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(folder), "3"]
+    assert sorted(p.name for p in folder.iterdir()) == ["keep.txt"]
+
+    env.pop("PROMETHEUS_MULTIPROC_DIR")
+    code = "import os, web.gunicorn_conf; p = os.environ['PROMETHEUS_MULTIPROC_DIR']; print(p, os.path.isdir(p))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    made, exists = out.stdout.split()
+    assert exists == "True" and "ebb-prometheus-" in made
+    assert not os.path.exists(made), "the temporary folder is removed when the master exits"
