@@ -6,7 +6,9 @@
 worker's start-up hook, once the model is loaded. A worker is one process
 (the ``threads`` pool), so the client's default registry is all there is.
 
-The job events (:func:`job_started`, :func:`job_finished`) are called by
+``ebb_jobs_finished_total`` is defined in :mod:`shared.metrics` (the web
+counts the queued jobs it cancels under the same name). The job events
+(:func:`job_started`, :func:`job_finished`) are called by
 :mod:`worker.jobs`; the batch engine reports every batched step through its
 ``on_batch`` hook (:func:`engine_hook`). The algorithm in
 ``shared.attribution`` knows nothing of this.
