@@ -44,6 +44,7 @@ class JobFailed(Exception):
     Celery reports the task as ``FAILURE`` (it is in the task's ``throws``:
     logged without a traceback; acknowledged, never retried)."""
 
+
 _reaper = None
 _heartbeat = None
 _prefork = False
@@ -79,15 +80,15 @@ def start_worker_process(hostname: str | None = None) -> None:
     try:
         upgrade_database(settings.database_url)
         runtime = load_runtime(settings)
+        from worker import metrics
+
+        metrics.start_server()  # EBB_METRICS_PORT; a bad or busy port stops the worker here
     except Exception as error:  # noqa: BLE001 - fatal at start-up
         expected = isinstance(error, ValueError) or type(error).__name__ == "WeightsUnavailableError"
         log.critical("worker start-up failed: %s", error, exc_info=not expected)
         # SystemExit passes through Celery's signal dispatch and stops the worker
         # before it consumes anything.
         raise SystemExit(f"ebb worker: start-up failed: {error}") from error
-    from worker import metrics
-
-    metrics.start_server()
     if _reaper is None:
         interval = float(os.environ.get("EBB_REAP_INTERVAL") or DEFAULT_REAP_INTERVAL_S)
         if interval > 0:
