@@ -11,6 +11,7 @@ too), and the real Flower from PyPI started with the README's command
 * ``/metrics`` of the web (whichever gunicorn process answers) and of the
   worker parse with ``prometheus_client``'s parser and count the finished job.
 * Every job event line of both logs is one JSON object with the job id.
+* A busy ``EBB_METRICS_PORT`` stops a worker at start-up, before it consumes.
 """
 
 from __future__ import annotations
@@ -320,3 +321,20 @@ def test_cancelled_and_failed_jobs_end_revoked_and_failed(monitored, web, image_
 def submit_raw(stack, data: bytes) -> uuid.UUID:
     """A job whose upload is ``data`` (the web would refuse it), sent as the web sends it."""
     return stack.submit(data)
+
+
+def test_a_busy_metrics_port_stops_the_worker_before_it_consumes(start_worker, sqlite_url, redis_url,
+                                                                 queue_prefix, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        stack = build_stack(start_worker, database_url=sqlite_url, redis_url=redis_url,
+                            data_dir=tmp_path / "data", queue_prefix=f"{queue_prefix}.busyport", name="busy",
+                            wait=False, EBB_METRICS_PORT=str(port), EBB_METRICS_ADDR="127.0.0.1")
+        code = wait_for(lambda: stack.worker.proc.poll() is not None and (stack.worker.proc.returncode,),
+                        timeout=120, what="the worker to exit")[0]
+    log = stack.worker.log_text()
+    assert code != 0 and "start-up failed" in log and " ready." not in log, log
