@@ -110,9 +110,13 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     hostname = args.hostname or worker_hostname(settings.model, device)
     # Importing the tasks registers them and the start-up hooks that load the
     # model (in the worker_init signal, before any message is consumed).
+    from shared.logs import log_format
     from worker.tasks import celery_app
 
-    celery_app.worker_main(worker_argv(settings.model, concurrency, hostname, args.loglevel))
+    argv = worker_argv(settings.model, concurrency, hostname, args.loglevel)
+    if log_format() == "json":
+        argv = ["--quiet", *argv]  # no start-up banner among the JSON lines
+    celery_app.worker_main(argv)
     return 0
 
 
@@ -444,10 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ebb`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from shared.logs import configure_logging
+
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)

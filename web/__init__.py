@@ -120,7 +120,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     )
     app.extensions["ebb"] = state
 
-    from . import api, auth, db, errors, health, pages, ratelimit, security
+    from . import api, auth, db, errors, health, metrics, pages, ratelimit, security
 
     if settings.trusted_proxies > 0:
         # Behind N trusted reverse proxies: take the client address, scheme,
@@ -138,6 +138,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     security.init_app(app)
     errors.init_app(app)
     app.register_blueprint(health.bp)
+    app.register_blueprint(metrics.bp)
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
     security.csrf.exempt(api.bp)

@@ -469,6 +469,11 @@ def submit(db: Session, storage: Any, sub: Submission) -> Job:
             "queue_unavailable",
             "The job queue is unavailable right now; nothing was queued. Please retry later.",
         ) from None
+    from .metrics import job_submitted
+
+    job_submitted(job.model)
+    log.info("job %s submitted (model %s)", job.id, job.model,
+             extra={"event": "submitted", "job_id": str(job.id), "model": job.model})
     return job
 
 
@@ -849,6 +854,16 @@ def cancel_job(db: Session, job_id: uuid.UUID) -> Job:
         )
     db.commit()
     db.refresh(job)
+    if result.rowcount == 1:
+        from .metrics import job_cancelled_queued
+
+        job_cancelled_queued(job.model)
+        log.info("job %s cancelled while queued (model %s)", job_id, job.model,
+                 extra={"event": "cancelled", "job_id": str(job_id), "model": job.model,
+                        "status": "cancelled"})
+    elif job.status == JobStatus.RUNNING.value:
+        log.info("job %s: cancel requested (model %s)", job_id, job.model,
+                 extra={"event": "cancel_requested", "job_id": str(job_id), "model": job.model})
     if job.status in TERMINAL_STATUSES and not (
         job.status == JobStatus.CANCELLED.value and result.rowcount == 1
     ):

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import logging
 
+from shared.logs import configure_logging
+
 from . import create_app
 
-logging.basicConfig(
-    level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-)
+configure_logging(logging.INFO)  # EBB_LOG_FORMAT=json: one JSON object per line
 
 app = create_app()
 app.debug = False

@@ -68,7 +68,11 @@ def celery_config(environ: Mapping[str, str] | None = None, redis_url: str | Non
         # Only relevant if someone forces the prefork pool: give a child's
         # worker_process_init time to load a big model.
         "worker_proc_alive_timeout": 600.0,
-        "worker_send_task_events": False,
+        # Task events for Flower and `celery events`: the web announces every
+        # task it sends (task-sent), the worker the rest (received, started,
+        # succeeded / failed / revoked, see worker.tasks).
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
         "worker_hijack_root_logger": True,
         "task_default_queue": queue_for("default", env),
         "enable_utc": True,
@@ -87,9 +91,11 @@ def create_celery_app(environ: Mapping[str, str] | None = None, redis_url: str |
 
 
 def send_explain(job_id: uuid.UUID | str, model: str, app: Celery | None = None) -> str:
-    """Enqueue job ``job_id`` on ``model``'s queue; returns the Celery task id."""
+    """Enqueue job ``job_id`` on ``model``'s queue; returns the Celery task id (the job id)."""
     job = str(uuid.UUID(str(job_id)))
-    result = (app or celery_app).send_task(TASK_EXPLAIN, args=[job], queue=queue_for(model))
+    # The task id is the job id, as when the web sends it: monitors follow
+    # one job through its re-sends.
+    result = (app or celery_app).send_task(TASK_EXPLAIN, args=[job], queue=queue_for(model), task_id=job)
     return result.id
 
 

@@ -133,10 +133,18 @@ class BatchEngine:
         max_batch: most jobs stepped together (>= 1).
         channels_last: convert the model's 4-D weights to ``channels_last``
             in place; ``None`` (default) = :func:`wants_channels_last`.
+        on_batch: called on the engine thread after every batched step as
+            ``on_batch(kind, runs, iterations)``: ``kind`` ``"mp"`` or
+            ``"extremal"``, the runs stepped together and the mask-iterations
+            done (one run stepped once counts 1, as in
+            :attr:`mask_iterations`). The worker's
+            metrics hook (:func:`worker.metrics.engine_hook`); its errors are
+            logged and ignored.
     """
 
     def __init__(self, classifier: Classifier, max_batch: int = CPU_DEFAULT_BATCH,
-                 channels_last: bool | None = None):
+                 channels_last: bool | None = None,
+                 on_batch: Callable[[str, int, int], None] | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if channels_last is None:
@@ -160,6 +168,7 @@ class BatchEngine:
         #: seconds spent stepping them: the fleet heartbeat's rates.
         self.mask_iterations = 0
         self.busy_s = 0.0
+        self.on_batch = on_batch
 
     # ----------------------------------------------------------------- public API
 
@@ -273,6 +282,14 @@ class BatchEngine:
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 future.set_exception(exc)
 
+    def _report_batch(self, runs: list, before: list[int]) -> None:
+        kind = "mp" if isinstance(runs[0], MaskOptimisation) else "extremal"
+        masks = sum(r.iteration - b for r, b in zip(runs, before))
+        try:
+            self.on_batch(kind, len(runs), masks)
+        except Exception:  # noqa: BLE001 - metrics never stop the optimisation
+            log.exception("on_batch hook failed")
+
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -289,6 +306,7 @@ class BatchEngine:
                 groups.setdefault(_group_key(item[0]), []).append(item)
             for items in groups.values():
                 runs = [r for r, _ in items]
+                before = [r.iteration for r in runs]
                 started = time.perf_counter()
                 try:
                     _step_group(self.classifier, runs)
@@ -303,6 +321,8 @@ class BatchEngine:
                 self.mask_iterations += len(runs)
                 self.busy_s += time.perf_counter() - started
                 self.max_seen_batch = max(self.max_seen_batch, len(runs))
+                if self.on_batch is not None:
+                    self._report_batch(runs, before)
             self._retire()
         error = RuntimeError("the batch engine stopped before the job finished")
         for _, future in self._active:

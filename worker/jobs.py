@@ -89,6 +89,7 @@ class Claim:
     queued_s: float | None
     #: ``time.perf_counter()`` when the job was claimed (the ``queued_s`` instant).
     claimed_perf: float | None = None
+    model: str = ""
     #: Several targets: the class indices asked for, or the k most probable.
     targets: tuple[int, ...] | None = None
     top_k: int | None = None
@@ -105,38 +106,48 @@ def _write(session: Session, fn: Callable[[], Any], attempts: int = 8) -> Any:
     return retrying(unit, attempts=attempts, on_retry=lambda _e: session.rollback())
 
 
-def _claim(session: Session, job_id: uuid.UUID, runtime, hostname: str) -> Claim | None:
-    """Mark the job running for this attempt, or return ``None`` to skip it."""
+@dataclass(frozen=True)
+class Skip:
+    """Why :func:`_claim` did not claim the job: its status then (``None``: no
+    such job), its error, and whether this claim itself ended it."""
+
+    status: str | None
+    error: str | None = None
+    ended_here: bool = False
+    model: str | None = None
+
+
+def _claim(session: Session, job_id: uuid.UUID, runtime, hostname: str) -> Claim | Skip:
+    """Mark the job running for this attempt, or return a :class:`Skip`."""
     session.expire_all()
     job = session.get(Job, job_id)
     if job is None:
         log.warning("job %s not found; dropping the message", job_id)
-        return None
+        return Skip(None)
     if job.status in TERMINAL_STATUSES:
         log.info("job %s already %s; nothing to do", job_id, job.status)
-        return None
+        return Skip(job.status, job.error, model=job.model)
     now, now_perf = utcnow(), time.perf_counter()
     # A duplicate message while another worker runs the job (it handles cancel).
     if job.status == JobStatus.RUNNING.value:
         beat = as_utc(job.heartbeat_at)
         if beat is not None and now - beat < timedelta(seconds=runtime.heartbeat_timeout_s):
             log.warning("job %s is running elsewhere (heartbeat %s); skipping duplicate", job_id, beat)
-            return None
+            return Skip(job.status, model=job.model)
     if job.cancel_requested:
         job.status, job.finished_at = JobStatus.CANCELLED.value, now
-        log.info("job %s was cancelled before it started", job_id)
-        return None
+        return Skip(job.status, ended_here=True, model=job.model)
     if job.model != runtime.model_name:
         job.status, job.error, job.finished_at = (
             JobStatus.FAILED.value,
             f"job for model {job.model!r} reached a worker for {runtime.model_name!r}",
             now,
         )
-        return None
+        return Skip(job.status, job.error, ended_here=True, model=job.model)
     if job.attempts >= runtime.max_attempts:
         job.status, job.error = JobStatus.FAILED.value, f"gave up after {job.attempts} attempts"
         job.finished_at = now
-        return None
+        return Skip(job.status, job.error, ended_here=True, model=job.model)
     seen_attempts, seen_status = job.attempts, job.status
     result = session.execute(
         update(Job)
@@ -152,7 +163,7 @@ def _claim(session: Session, job_id: uuid.UUID, runtime, hostname: str) -> Claim
     )
     if result.rowcount != 1:
         log.info("job %s was claimed concurrently; skipping", job_id)
-        return None
+        return Skip(JobStatus.RUNNING.value, model=job.model)
     return Claim(
         job_id=job_id,
         attempt=seen_attempts + 1,
@@ -162,6 +173,7 @@ def _claim(session: Session, job_id: uuid.UUID, runtime, hostname: str) -> Claim
         progress_floor=job.progress_iteration or 0,
         queued_s=(now - as_utc(job.created_at)).total_seconds() if job.created_at else None,
         claimed_perf=now_perf,
+        model=job.model,
         targets=tuple(int(t) for t in job.targets) if isinstance(job.targets, list) and job.targets else None,
         top_k=int(job.top_k) if job.top_k else None,
     )
@@ -311,8 +323,34 @@ def _start_timings(claim: Claim, optimising: float, returned: float, explanation
     return out
 
 
+def _event(level: int, message: str, *args: Any, event: str, job_id: uuid.UUID, model: str | None,
+           **fields: Any) -> None:
+    """One log line per job event, its fields also as ``extra`` (JSON logs)."""
+    extra = {"event": event, "job_id": str(job_id), "model": model}
+    extra.update({k: v for k, v in fields.items() if v is not None})
+    log.log(level, message, *args, extra=extra)
+
+
+def _ended(claim: Claim, status: str, runtime, **fields: Any) -> None:
+    """Count and log the end of a claimed attempt (``status``: the job's, or ``requeued``)."""
+    from worker import metrics
+
+    duration = time.perf_counter() - claim.claimed_perf if claim.claimed_perf is not None else None
+    model = claim.model or runtime.model_name
+    if status == "requeued":
+        metrics.job_requeued(model)
+    else:
+        metrics.job_finished(model, status, duration)
+    _event(logging.WARNING if status == JobStatus.FAILED.value else logging.INFO,
+           "job %s %s (model %s, attempt %d, %.2f s)%s", claim.job_id, status, model, claim.attempt,
+           duration or 0.0, f": {fields['error']}" if fields.get("error") else "",
+           event=status, job_id=claim.job_id, model=model, attempt=claim.attempt,
+           duration_s=round(duration, 3) if duration is not None else None, status=status, **fields)
+
+
 def run_job(job_id: str | uuid.UUID, runtime, hostname: str | None = None,
-            requeue: Callable[[uuid.UUID, str], Any] | None = None) -> str:
+            requeue: Callable[[uuid.UUID, str], Any] | None = None,
+            details: dict[str, Any] | None = None) -> str:
     """Run job ``job_id`` to completion on ``runtime``; returns what happened.
 
     Returns one of ``succeeded``, ``failed``, ``cancelled``, ``requeued``
@@ -320,7 +358,13 @@ def run_job(job_id: str | uuid.UUID, runtime, hostname: str | None = None,
     ``skipped`` (nothing to do) or ``superseded``. Job errors never propagate:
     they end the job ``failed`` with a one-line message. Only a database that
     stays unreachable through all retries raises (the reaper recovers those).
+
+    ``details``, when given, receives ``job_status`` (the job's status in the
+    database as this run left or found it; ``None``: no such job) and
+    ``error`` (its message when failed): the task reports them to Celery.
     """
+    info: dict[str, Any] = details if details is not None else {}
+    info.update(job_status=None, error=None)
     try:
         jid = parse_job_id(job_id)
     except ValueError:
@@ -334,26 +378,48 @@ def run_job(job_id: str | uuid.UUID, runtime, hostname: str | None = None,
         if requeue is not None:
             requeue(jid, runtime.model_name)
         log.info("job %s: worker shutting down; message re-queued", jid)
+        info["job_status"] = JobStatus.QUEUED.value
         return "requeued"
     session = session_factory(runtime.database_url)()
     try:
         claim = _write(session, lambda: _claim(session, jid, runtime, hostname))
-        if claim is None:
+        if isinstance(claim, Skip):
+            info.update(job_status=claim.status, error=claim.error)
+            if claim.ended_here:
+                from worker import metrics
+
+                metrics.job_finished(claim.model or runtime.model_name, claim.status, None)
+                _event(logging.INFO if claim.status == JobStatus.CANCELLED.value else logging.WARNING,
+                       "job %s %s before it started (model %s)%s", jid, claim.status, claim.model,
+                       f": {claim.error}" if claim.error else "", event=claim.status, job_id=jid,
+                       model=claim.model, status=claim.status, error=claim.error)
             return "skipped"
-        log.info("job %s: attempt %d started", jid, claim.attempt)
+        from worker import metrics
+
+        metrics.job_started(claim.model or runtime.model_name, claim.queued_s)
+        _event(logging.INFO, "job %s started (model %s, attempt %d, queued %.2f s)", jid, claim.model,
+               claim.attempt, claim.queued_s or 0.0, event="started", job_id=jid, model=claim.model,
+               attempt=claim.attempt,
+               queued_s=round(claim.queued_s, 3) if claim.queued_s is not None else None)
         try:
-            return _execute(session, claim, runtime, requeue)
+            outcome = _execute(session, claim, runtime, requeue)
         except Superseded:
             log.warning("job %s: attempt %d superseded; dropping its result", jid, claim.attempt)
+            info["job_status"] = JobStatus.RUNNING.value
             return "superseded"
         except JobError as error:
-            log.warning("job %s failed: %s", jid, error)
             message = one_line(error)
         except Exception as error:  # noqa: BLE001 - the worker must carry on
             log.exception("job %s failed", jid)
             message = one_line(error)
+        else:
+            info["job_status"] = JobStatus.QUEUED.value if outcome == "requeued" else outcome
+            _ended(claim, outcome, runtime)
+            return outcome
         session.rollback()
         _finish(session, claim, status=JobStatus.FAILED.value, error=message)
+        info.update(job_status=JobStatus.FAILED.value, error=message)
+        _ended(claim, JobStatus.FAILED.value, runtime, error=message)
         return "failed"
     finally:
         session.close()
@@ -448,7 +514,6 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
         timings["total_s"] = time.perf_counter() - started
         if not _finish(session, claim, status=JobStatus.CANCELLED.value, timings=timings, **common):
             raise Superseded()
-        log.info("job %s cancelled after %d iterations", claim.job_id, timings["iterations_run"])
         return "cancelled"
 
     # Faithfulness of every mask (and of Grad-CAM), right after the masks.
@@ -491,6 +556,6 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
     )
     if not ok:
         raise Superseded()
-    log.info("job %s succeeded in %.1f s (%d target(s), score %.3f -> %.3f)", claim.job_id,
-             timings["total_s"], len(explanations), explanation.score_before, explanation.score_after)
+    log.debug("job %s: %d target(s), score %.3f -> %.3f", claim.job_id, len(explanations),
+              explanation.score_before, explanation.score_after)
     return "succeeded"

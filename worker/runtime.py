@@ -222,6 +222,7 @@ def load_runtime(settings: settings_mod.Settings | None = None, environ: Mapping
         settings = settings or settings_mod.load(dict(env))
         from shared.models.registry import load_model
         from worker.engine import BatchEngine
+        from worker.metrics import engine_hook
 
         device = choose_device(env)
         started = time.perf_counter()
@@ -242,7 +243,8 @@ def load_runtime(settings: settings_mod.Settings | None = None, environ: Mapping
             heartbeat_timeout_s=heartbeat_timeout_s(env),
             max_attempts=max_attempts(env),
             gradcam=gradcam_enabled(env),
-            engine=BatchEngine(classifier, max_batch=default_concurrency(settings, device)).start(),
+            engine=BatchEngine(classifier, max_batch=default_concurrency(settings, device),
+                               on_batch=engine_hook(settings.model)).start(),
         )
         log.info("model %s ready on %s in %.1f s", settings.model, device, time.perf_counter() - started)
         return _runtime

@@ -13,6 +13,16 @@ Start-up (``ebb worker`` or ``celery -A worker.tasks worker``):
    each child (``worker_process_init``) and never in the parent.
 3. ``worker_shutting_down`` sets :attr:`Runtime.stopping`: running jobs stop
    at their next progress report and are re-queued.
+
+Monitoring: once the model is loaded, ``EBB_METRICS_PORT`` starts the
+Prometheus endpoint (:mod:`worker.metrics`); Celery's logging set-up signals
+apply ``EBB_LOG_FORMAT`` (:mod:`shared.logs`). Each task ends in Celery's
+event stream (Flower, ``celery events``) as its job ended in the database:
+``SUCCESS``, ``FAILURE`` (:class:`JobFailed`, the job's error) or ``REVOKED``
+(cancelled: a ``task-revoked`` event, then :class:`~celery.exceptions.Ignore`);
+a message whose job goes on elsewhere (re-queued, a duplicate) ends with
+``Ignore`` and no final state. Every one of them is acknowledged, as before:
+the database stays the source of truth and nothing is retried or redelivered.
 """
 
 from __future__ import annotations
@@ -22,10 +32,18 @@ import os
 import uuid
 
 from celery import signals
+from celery.exceptions import Ignore
 
 from worker.celery_app import TASK_EXPLAIN, celery_app, send_explain
 
 log = logging.getLogger(__name__)
+
+
+class JobFailed(Exception):
+    """Raised by the task after its job was failed in the database, so that
+    Celery reports the task as ``FAILURE`` (it is in the task's ``throws``:
+    logged without a traceback; acknowledged, never retried)."""
+
 
 _reaper = None
 _heartbeat = None
@@ -55,11 +73,16 @@ def start_worker_process(hostname: str | None = None) -> None:
     if not logging.getLogger().handlers:
         # Celery configures logging only after worker_init: make the model
         # load visible when started as ``celery -A worker.tasks worker``.
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from shared.logs import configure_logging
+
+        configure_logging(logging.INFO)
     settings = settings_mod.load()
     try:
         upgrade_database(settings.database_url)
         runtime = load_runtime(settings)
+        from worker import metrics
+
+        metrics.start_server()  # EBB_METRICS_PORT; a bad or busy port stops the worker here
     except Exception as error:  # noqa: BLE001 - fatal at start-up
         expected = isinstance(error, ValueError) or type(error).__name__ == "WeightsUnavailableError"
         log.critical("worker start-up failed: %s", error, exc_info=not expected)
@@ -81,6 +104,15 @@ def start_worker_process(hostname: str | None = None) -> None:
         _heartbeat = FleetHeartbeat(runtime, hostname or runtime.hostname, settings.redis_url,
                                     fleet.interval_s()).start()
         log.info("worker %s serving %s joined the fleet", _heartbeat.hostname, runtime.model_name)
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _on_setup_logger(logger=None, **_kwargs) -> None:
+    from shared.logs import apply_format
+
+    if logger is not None:
+        apply_format(logger)
 
 
 @signals.worker_init.connect
@@ -119,11 +151,28 @@ def _on_worker_shutting_down(**_kwargs) -> None:
         _heartbeat.stop()
 
 
-@celery_app.task(name=TASK_EXPLAIN, bind=True, acks_late=True, ignore_result=True)
+def report_outcome(task, outcome: str, details: dict) -> str:
+    """End the Celery task as its job ended (see the module docstring); returns
+    ``outcome`` when the task should succeed, else raises."""
+    status = details.get("job_status")
+    if status == "cancelled":
+        if task.app.conf.worker_send_task_events:
+            task.send_event("task-revoked", terminated=False, signum=None, expired=False)
+        raise Ignore()
+    if status == "failed":
+        raise JobFailed(details.get("error") or "the job failed")
+    if outcome in ("requeued", "superseded") or status in ("queued", "running"):
+        raise Ignore()
+    return outcome
+
+
+@celery_app.task(name=TASK_EXPLAIN, bind=True, acks_late=True, ignore_result=True, throws=(JobFailed,))
 def explain_task(self, job_id: str) -> str:
     """Run explain job ``job_id`` (its row holds everything); idempotent."""
     from worker.jobs import run_job
     from worker.runtime import get_runtime
 
     hostname = getattr(self.request, "hostname", None)
-    return run_job(job_id, get_runtime(), hostname=hostname, requeue=_requeue)
+    details: dict = {}
+    outcome = run_job(job_id, get_runtime(), hostname=hostname, requeue=_requeue, details=details)
+    return report_outcome(self, outcome, details)

@@ -626,7 +626,8 @@ def private_postgres() -> Iterator[PostgresCluster]:
 
 
 class GunicornProcess:
-    """``gunicorn web.wsgi:app`` on ``127.0.0.1:<port>``, in its own process group."""
+    """``gunicorn -c python:web.gunicorn_conf web.wsgi:app`` (as the web image runs it)
+    on ``127.0.0.1:<port>``, in its own process group."""
 
     def __init__(self, env: dict[str, str], log_path: Path, cwd: Path, port: int | None = None,
                  workers: int = 2):
@@ -646,7 +647,8 @@ class GunicornProcess:
         self.cwd.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "web.wsgi:app", "--bind", f"127.0.0.1:{self.port}",
+            [sys.executable, "-m", "gunicorn", "-c", "python:web.gunicorn_conf", "web.wsgi:app",
+             "--bind", f"127.0.0.1:{self.port}",
              "--workers", str(self.workers), "--timeout", "60", "--graceful-timeout", "5",
              "--no-control-socket"],
             env=self.env, cwd=self.cwd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,

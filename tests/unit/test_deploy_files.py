@@ -1,7 +1,7 @@
 """docker-compose.yml and the Dockerfiles, checked by construction (no Docker engine here).
 
 Every command they run is also run by a test: `ebb models fetch` here,
-`ebb worker` and `gunicorn web.wsgi:app` in tests/integration.
+`ebb worker` and `gunicorn -c python:web.gunicorn_conf web.wsgi:app` in tests/integration.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def test_compose_services():
     assert "--appendonly yes" in redis and "--requirepass" in redis
     assert any("/var/lib/postgresql/data" in v for v in services["postgres"]["volumes"])
     assert services["web"]["build"]["dockerfile"] == "Dockerfile.web"
-    assert services["web"]["command"][0] == "gunicorn" and "web.wsgi:app" in services["web"]["command"]
+    assert services["web"]["command"] == ["gunicorn", "-c", "python:web.gunicorn_conf", "web.wsgi:app"]
     workers = {k: v for k, v in services.items() if k.startswith("worker")}
     assert len(workers) >= 2
     device_ids = set()
@@ -67,7 +67,7 @@ def test_web_image_has_no_torch():
     installs = [line for line in text.splitlines() if "pip install" in line]
     assert installs and not any("requirements-worker" in l or "torch" in l for l in installs)
     assert "torch" not in (ROOT / "requirements-web.txt").read_text()
-    assert _cmd("Dockerfile.web")[0] == "gunicorn"
+    assert _cmd("Dockerfile.web") == ["gunicorn", "-c", "python:web.gunicorn_conf", "web.wsgi:app"]
 
 
 def test_worker_image_bakes_weights_and_runs_worker():
