@@ -630,19 +630,47 @@ class MaskOptimisation:
         )
 
 
-def step_batch(model: Classifier | nn.Module, runs: Sequence[MaskOptimisation]) -> None:
+def step_batch(
+    model: Classifier | nn.Module,
+    runs: Sequence[MaskOptimisation],
+    *,
+    width: int | None = None,
+    slots: Sequence[int] | None = None,
+) -> None:
     """Advance every unfinished run by one step in one forward/backward batch.
 
     Runs may differ in config (coefficients, mask size, seed, iterations,
-    game, perturbation) but must share ``input_size``. Each run's mask, Adam state and noise stream are
-    its own, so each comes out as when run alone (within float tolerance).
+    game, perturbation) but must share ``input_size``. Each run's mask, Adam
+    state and noise stream (its own ``torch.Generator``) are its own.
+
+    Without ``width`` the batch holds exactly the unfinished runs, so a run's
+    arithmetic (and thus, through Adam, its mask) may differ at float level
+    with the batch size: kernels pick different blockings for different
+    batch sizes. With ``width`` every step uses a batch of exactly ``width``
+    samples, run ``i`` in slot ``slots[i]`` (default: its position in
+    ``runs``) and the free slots filled with zeros; a run's mask then comes
+    out bit-for-bit the same whoever shares the batch (checked on the CPU for
+    fp32 and bf16: ``tests/unit/test_reproducibility.py``).
+
+    Args:
+        model: the black box.
+        runs: the runs; finished ones are skipped.
+        width: fixed batch size (>= the number of unfinished runs), or ``None``.
+        slots: one distinct slot in ``[0, width)`` per run of ``runs``.
     """
-    active = [r for r in runs if not r.done]
-    if not active:
+    if slots is not None and len(slots) != len(runs):
+        raise ValueError("slots must have one entry per run")
+    placed = [(r, (slots[i] if slots is not None else i)) for i, r in enumerate(runs) if not r.done]
+    if not placed:
         return
+    active = [r for r, _ in placed]
     sizes = {r.config.input_size for r in active}
     if len(sizes) != 1:
         raise ValueError(f"runs in one batch must share input_size, got {sorted(sizes)}")
+    if width is not None:
+        taken = [s for _, s in placed]
+        if len(set(taken)) != len(taken) or any(not 0 <= s < width for s in taken):
+            raise ValueError(f"slots must be distinct and in [0, {width}), got {taken}")
     now = time.perf_counter()
     for r in active:
         if r.first_step_at is None:
@@ -650,10 +678,20 @@ def step_batch(model: Classifier | nn.Module, runs: Sequence[MaskOptimisation]) 
     classifier = Classifier.wrap(model)
     precision = "bf16" if any(r.config.precision == "bf16" for r in active) else "fp32"
     with frozen(classifier.module), torch.enable_grad():
-        x = torch.cat([r.perturbed_input(noise=True) for r in active])
+        inputs = [r.perturbed_input(noise=True) for r in active]
+        if width is None:
+            x = torch.cat(inputs)
+            index = list(range(len(active)))
+        else:
+            filler = torch.zeros_like(inputs[0])
+            layout: list[torch.Tensor] = [filler] * width
+            for (_, slot), xi in zip(placed, inputs):
+                layout[slot] = xi
+            x = torch.cat(layout)
+            index = [slot for _, slot in placed]
         probs = _probabilities(classifier, x, precision)
         targets = torch.tensor([r.target for r in active], device=x.device)
-        scores = probs.gather(1, targets[:, None])[:, 0]
+        scores = probs[index].gather(1, targets[:, None])[:, 0]
         totals = []
         rows = []
         for i, r in enumerate(active):
