@@ -9,8 +9,10 @@ differs are stepped in separate groups (a bf16 job never turns its fp32
 neighbours' step into bf16).
 
 Reproducible under load (``EBB_REPRODUCIBLE=1``, the default): each
-Meaningful Perturbation group is stepped in a fixed layout of ``max_batch``
-samples, each job in the slot it got on admission and free slots zero-filled,
+Meaningful Perturbation group is stepped in a fixed layout of
+``layout_width`` samples (``EBB_LAYOUT_WIDTH``, default ``max_batch`` on a
+CPU, at most 8 on a GPU; more jobs fill further batches of that width),
+each job in the slot it got on admission and free slots zero-filled,
 so a job's mask and scores are bit-for-bit the same alone, beside any other
 jobs or submitted together, on the same device, precision, model and
 ``max_batch`` (torch's CPU kernels give a sample different float rounding in
@@ -83,6 +85,22 @@ def wants_reproducible(environ: Any = None) -> bool:
     if raw in _FALSE:
         return False
     raise ValueError(f"EBB_REPRODUCIBLE must be 1 or 0, got {raw!r}")
+
+
+def default_layout_width(max_batch: int, device: str, environ: Any = None) -> int:
+    """``EBB_LAYOUT_WIDTH``, else ``max_batch`` on a CPU and ``min(max_batch, 8)``
+    on a GPU (so one job alone does not pay for 64 padded samples)."""
+    env = os.environ if environ is None else environ
+    raw = str(env.get("EBB_LAYOUT_WIDTH") or "").strip()
+    if raw:
+        try:
+            width = int(raw)
+        except ValueError:
+            raise ValueError(f"EBB_LAYOUT_WIDTH must be a positive integer, got {raw!r}") from None
+        if width < 1:
+            raise ValueError(f"EBB_LAYOUT_WIDTH must be a positive integer, got {raw!r}")
+        return min(width, max_batch)
+    return max_batch if not str(device).startswith("cuda") else min(max_batch, 8)
 
 
 def wants_channels_last(classifier: Classifier, environ: Any = None) -> bool:
@@ -164,10 +182,15 @@ class BatchEngine:
             submitted together (same device, precision, model and
             ``max_batch``); on CUDA cuDNN's deterministic kernels are also
             selected. ``None`` (default) = :func:`wants_reproducible`.
+        layout_width: samples per forward/backward in the fixed layout;
+            slot ``s`` is lane ``s % width`` of batch ``s // width``, so
+            more jobs than ``layout_width`` run as several fixed batches.
+            ``None`` (default) = :func:`default_layout_width`.
     """
 
     def __init__(self, classifier: Classifier, max_batch: int = CPU_DEFAULT_BATCH,
-                 channels_last: bool | None = None, reproducible: bool | None = None):
+                 channels_last: bool | None = None, reproducible: bool | None = None,
+                 layout_width: int | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if channels_last is None:
@@ -185,6 +208,11 @@ class BatchEngine:
 
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
+        if layout_width is None:
+            layout_width = default_layout_width(max_batch, str(classifier.device))
+        if layout_width < 1:
+            raise ValueError(f"layout_width must be at least 1, got {layout_width}")
+        self.layout_width = min(int(layout_width), max_batch)
         self._slots: dict[int, int] = {}  # id(run) -> its slot in its group's layout
         self.classifier = classifier
         self.max_batch = max_batch
@@ -329,11 +357,19 @@ class BatchEngine:
                 groups.setdefault(_group_key(item[0]), []).append(item)
             for items in groups.values():
                 runs = [r for r, _ in items]
-                layout: dict[str, Any] = {}
-                if self.reproducible:
-                    layout = {"width": self.max_batch, "slots": [self._slots[id(r)] for r in runs]}
                 try:
-                    _step_group(self.classifier, runs, **layout)
+                    if self.reproducible and isinstance(runs[0], MaskOptimisation):
+                        w = self.layout_width
+                        lanes: dict[int, tuple[list, list[int]]] = {}
+                        for r in runs:
+                            slot = self._slots[id(r)]
+                            chunk = lanes.setdefault(slot // w, ([], []))
+                            chunk[0].append(r)
+                            chunk[1].append(slot % w)
+                        for _, (chunk_runs, chunk_slots) in sorted(lanes.items()):
+                            _step_group(self.classifier, chunk_runs, width=w, slots=chunk_slots)
+                    else:
+                        _step_group(self.classifier, runs)
                 except Exception as exc:  # e.g. out of memory: fail this group, keep serving
                     log.exception("batched step failed for %d job(s)", len(runs))
                     for run, future in items:

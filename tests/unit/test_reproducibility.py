@@ -15,9 +15,10 @@ from shared.attribution.perturbation import MaskOptimisation, step_batch
 from worker.engine import BatchEngine
 
 
-def _three_ways(model, image, other, target, cfg, max_batch=4):
+def _three_ways(model, image, other, target, cfg, max_batch=4, layout_width=None):
     """The job's explanation solo, submitted with 2 identical copies, and beside 2 unrelated jobs."""
-    eng = BatchEngine(model, max_batch=max_batch, channels_last=False, reproducible=True)
+    eng = BatchEngine(model, max_batch=max_batch, channels_last=False, reproducible=True,
+                      layout_width=layout_width or max_batch)
     try:
         solo = eng.submit(image, target, cfg).result(timeout=300)
 
@@ -51,6 +52,13 @@ def test_tiny_model_bit_equal_alone_together_beside(tiny, cfg, images):
     solo, together, beside = _three_ways(tiny, images[0], images[1], 2, cfg)
     _assert_identical(solo, [*together, beside])
     assert not np.array_equal(solo.mask, np.ones_like(solo.mask))  # the mask did move
+
+
+def test_tiny_model_bit_equal_with_narrower_layout(tiny, cfg, images):
+    """layout_width 2 of max_batch 4: three jobs fill two fixed batches of 2."""
+    cfg = cfg.replace(iterations=10, seed=21)
+    solo, together, beside = _three_ways(tiny, images[1], images[0], 3, cfg, max_batch=4, layout_width=2)
+    _assert_identical(solo, [*together, beside])
 
 
 def test_tiny_model_bf16_bit_equal(tiny, cfg, images):
