@@ -147,3 +147,35 @@ def test_extremal_job_on_the_real_worker(stack, image_bytes):
     assert [a["area"] for a in entry["areas"]] == [0.05, 0.2]
     assert entry["metrics"]["insertion_auc"] >= 0
     assert (stack.storage.job_dir(job_id) / "areas.png").is_file()
+
+
+def test_same_seed_same_mask_alone_together_and_beside_others(stack, image_bytes):
+    """Bit-for-bit: one job alone, two identical jobs at once, and the job
+    joining a batch where an unrelated job already runs (the worker's
+    EBB_MAX_BATCH is 2)."""
+    cfg = {"iterations": 20, "seed": 77}
+    masks = []
+    alone = stack.submit(image_bytes, config=cfg)
+    assert stack.wait(alone).status == "succeeded"
+    masks.append(np.load(stack.storage.artifact_path(alone, "mask_npy")))
+
+    pair = [stack.submit(image_bytes, config=cfg) for _ in range(2)]
+    for job_id in pair:
+        assert stack.wait(job_id).status == "succeeded"
+        masks.append(np.load(stack.storage.artifact_path(job_id, "mask_npy")))
+
+    other = stack.submit(image_bytes, config={"iterations": 400, "seed": 5, "l1_coeff": 0.05}, target=3)
+    wait_for(lambda: stack.job(other).progress_iteration > 0, timeout=60, interval=0.05,
+             what="the unrelated job to run")
+    beside = stack.submit(image_bytes, config=cfg)
+    job = stack.wait(beside)
+    assert job.status == "succeeded", job.error
+    assert stack.job(other).status == "running"  # it really ran beside the other job
+    masks.append(np.load(stack.storage.artifact_path(beside, "mask_npy")))
+    stack.request_cancel(other)
+    stack.wait(other)
+
+    for mask in masks[1:]:
+        assert np.array_equal(mask, masks[0])
+    scores = {stack.job(j).score_after for j in (alone, *pair, beside)}
+    assert len(scores) == 1
