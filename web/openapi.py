@@ -149,6 +149,47 @@ _AREA_ROW = {
     "required": ["area", "area_achieved", "score_after"],
 }
 
+_WARNINGS = {
+    "type": "array",
+    "description": "Why this explanation may be weak (empty when nothing was found): "
+                   "`low_confidence` (the model's probability of the target was below 0.1 "
+                   "before the perturbation), `score_not_halved` (deletion: the score after "
+                   "is more than half the score before), `score_not_raised` (preservation: "
+                   "the score did not rise), `mask_unchanged` (the mask barely moved from its "
+                   "start), `small_input` (the image is much smaller than the model's input, "
+                   "so it was upscaled). Each message says why and what to try.",
+    "items": {
+        "type": "object",
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+        "required": ["code", "message"],
+    },
+}
+
+_LIVE_TARGET = {
+    "type": "object",
+    "properties": {
+        "target": _TARGET,
+        "progress": {
+            "type": "object",
+            "properties": {
+                "iteration": {"type": "integer", "minimum": 0},
+                "total": {"type": "integer", "minimum": 0},
+                "fraction": {"type": "number", "minimum": 0, "maximum": 1},
+            },
+            "required": ["iteration", "total", "fraction"],
+        },
+        "score": _nullable({"type": "number", "minimum": 0, "maximum": 1,
+                            "description": "Live score: the target's probability on the mask "
+                                           "at iteration `score_iteration`, without the "
+                                           "optimisation's noise (for extremal jobs: on the "
+                                           "largest area's mask); null until first measured."}),
+        "score_iteration": _nullable({"type": "integer", "minimum": 0}),
+        "score_before": _nullable({"type": "number", "minimum": 0, "maximum": 1,
+                                   "description": "The target's probability on the original image."}),
+    },
+    "required": ["target", "progress", "score", "score_iteration", "score_before"],
+}
+
 _RESULT = {
     "type": "object",
     "description": "One explained target: its scores, faithfulness metrics, the Grad-CAM "
@@ -167,13 +208,14 @@ _RESULT = {
                                              "baseline for the same class."}),
         "areas": _nullable({"type": "array", "items": _AREA_ROW,
                             "description": "Extremal jobs: one row per target area."}),
+        "warnings": _WARNINGS,
         "artifacts": {**_ARTIFACT_URLS,
                       "description": "URLs of this target's files "
                                      "(`/jobs/{job_id}/results/{k}/artifacts/{name}`); null "
                                      "when absent."},
     },
     "required": ["target", "method", "scores", "top5", "metrics", "gradcam", "areas",
-                 "artifacts"],
+                 "warnings", "artifacts"],
 }
 
 _JOB = {
@@ -181,7 +223,7 @@ _JOB = {
     "required": [
         "id", "status", "model", "target", "targets", "top_k", "progress", "scores", "top5",
         "config", "created_at", "started_at", "finished_at", "error", "artifacts", "metrics",
-        "results", "queue_position", "current_score", "elapsed_s", "eta_s", "attempts",
+        "results", "warnings", "live", "queue_position", "current_score", "elapsed_s", "eta_s", "attempts",
         "worker", "timings", "image", "links",
     ],
     "properties": {
@@ -192,12 +234,12 @@ _JOB = {
             **_TARGET,
             "description": "Class explained (the primary one when there are several); null "
                            "index/label until the worker resolved the model's top-1 class "
-                           "when none was requested.",
+                           "when none was requested (written at its first progress report).",
         },
         "targets": _nullable({
             "type": "array", "items": {"type": "integer"},
-            "description": "Class indices requested with `targets` (primary first); null "
-                           "when not given.",
+            "description": "Class indices requested with `targets` (primary first); for a "
+                           "`top_k` job, the k classes once the worker ranked them; else null.",
         }),
         "top_k": {"type": "integer", "minimum": 1,
                   "description": "How many of the most probable classes are explained "
@@ -229,13 +271,24 @@ _JOB = {
             "description": "One entry per explained target, the primary first (empty until "
                            "the job succeeded, or for jobs run before results existed).",
         },
+        "warnings": {**_WARNINGS, "description": "The primary result's `warnings` (empty "
+                                                 "until the job succeeded). " + _WARNINGS["description"]},
+        "live": _nullable({
+            "type": "array", "items": _LIVE_TARGET,
+            "description": "Per-target live state written by the worker while it runs (kept "
+                           "afterwards), the primary first: progress, the live noise-free "
+                           "score and the score before; null until the worker's first report.",
+        }),
         "queue_position": _nullable({
             "type": "integer", "minimum": 1,
             "description": "1-based place among the queued jobs of the same model "
                            "(null unless queued).",
         }),
         "current_score": _nullable({"type": "number",
-                                    "description": "Target probability at the current step."}),
+                                    "description": "Live score of the primary target: its "
+                                                   "probability on the current mask without the "
+                                                   "optimisation's noise (see `live`); the score "
+                                                   "after once succeeded."}),
         "elapsed_s": _nullable({"type": "number", "minimum": 0}),
         "eta_s": _nullable({"type": "number", "minimum": 0}),
         "attempts": {"type": "integer", "minimum": 0},
@@ -485,7 +538,10 @@ def _base_document(server_url: str) -> dict[str, Any]:
                                                                  "Weight of the TV term."),
                                         "tv_beta": _float_param("tv_beta", "TV exponent."),
                                         "noise_std": _float_param("noise_std",
-                                                                  "Std of the added noise."),
+                                                                  "Std of the Gaussian noise added to the perturbed input on every step, "
+                                                                  "in units of ImageNet's per-channel pixel std (0.229, 0.224, 0.225): "
+                                                                  "the same pixel-space noise for every model; 0.2 is the reference's "
+                                                                  "noise on VGG19."),
                                         "mask_size": _int_param("mask_size",
                                                                 "Side of the mask."),
                                         "input_size": _int_param(

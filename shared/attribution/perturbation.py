@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .classifier import Classifier
+from .classifier import IMAGENET_STD, Classifier
 from .config import PerturbationConfig
 
 __all__ = [
@@ -60,6 +60,7 @@ __all__ = [
     "gaussian_blur",
     "l1_loss",
     "median_blur",
+    "noise_scale",
     "null_progress",
     "perturbation_baseline",
     "prepare_image",
@@ -71,7 +72,11 @@ __all__ = [
 LOSS_KEYS = ("total", "l1", "tv", "score")
 
 #: ``on_step(iteration, total, losses) -> bool | None``; ``iteration`` counts
-#: from 1, ``losses`` maps ``total``, ``l1``, ``tv`` and ``score`` to floats.
+#: from 1, ``losses`` maps ``total``, ``l1``, ``tv`` and ``score`` (this
+#: step's, on the noisy input) to floats, and ``live_score`` to the target's
+#: probability on the current mask without noise (one extra forward pass,
+#: computed only when read; in [0, 1]); its attributes ``target``, ``label``
+#: and ``score_before`` describe the run.
 #: Returning ``True`` asks the optimisation to stop; it stops after this step.
 OnStep = Callable[[int, int, Mapping[str, float]], "bool | None"]
 
@@ -383,22 +388,44 @@ class Explanation:
 
 
 class _LazyLosses(Mapping):
-    """Loss values of one step, read from the device only when accessed."""
+    """Loss values of one step, read from the device only when accessed.
 
-    def __init__(self, values: torch.Tensor):
+    Keys: ``total``, ``l1``, ``tv``, ``score`` (this step's, on the noisy
+    input) and ``live_score``: the target's probability on the current mask
+    (after this step) *without* noise, computed by one extra forward pass only
+    when read. Attributes ``target``, ``label`` and ``score_before`` describe
+    the run (known from its creation).
+    """
+
+    KEYS = (*LOSS_KEYS, "live_score")
+
+    def __init__(self, values: torch.Tensor, live: Callable[[], float] | None = None,
+                 target: int | None = None, label: str | None = None, score_before: float | None = None):
         self._values = values
         self._cache: list[float] | None = None
+        self._live = live
+        self._live_value: float | None = None
+        self.target, self.label, self.score_before = target, label, score_before
 
     def __getitem__(self, key: str) -> float:
+        if key == "live_score":
+            if self._live is None:
+                raise KeyError(key)
+            if self._live_value is None:
+                self._live_value = float(self._live())
+            return self._live_value
         if self._cache is None:
             self._cache = self._values.tolist()
         return self._cache[LOSS_KEYS.index(key)]
 
+    def __contains__(self, key: object) -> bool:  # without computing anything
+        return key in (self.KEYS if self._live is not None else LOSS_KEYS)
+
     def __iter__(self):
-        return iter(LOSS_KEYS)
+        return iter(self.KEYS if self._live is not None else LOSS_KEYS)
 
     def __len__(self) -> int:
-        return len(LOSS_KEYS)
+        return len(self.KEYS) if self._live is not None else len(LOSS_KEYS)
 
 
 def _top5(probs: torch.Tensor, classifier: Classifier) -> list[dict[str, Any]]:
@@ -477,6 +504,22 @@ def _probabilities(classifier: Classifier, x: torch.Tensor, precision: str) -> t
 # --------------------------------------------------------------------------- optimisation
 
 
+def noise_scale(classifier: Classifier, noise_std: float, device: torch.device | str = "cpu") -> "float | torch.Tensor":
+    """The per-step noise's std in ``classifier``'s normalised input space.
+
+    ``noise_std`` is in units of ImageNet's per-channel std (the reference's
+    space), so the pixel-space noise is ``noise_std * IMAGENET_STD`` for every
+    model. Returns the float ``noise_std`` itself for an ImageNet-normalised
+    model (bit-identical to the reference), else a ``(1, 3, 1, 1)`` float32
+    tensor ``noise_std * IMAGENET_STD / classifier.std``.
+    """
+    ratios = [a / b for a, b in zip(IMAGENET_STD, classifier.std)]
+    if all(r == 1.0 for r in ratios):
+        return float(noise_std)
+    return torch.tensor([noise_std * r for r in ratios], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+
+
 class MaskOptimisation:
     """The state of one job's optimisation: its mask, Adam, noise stream and history.
 
@@ -513,6 +556,7 @@ class MaskOptimisation:
         classifier = Classifier.wrap(model)
         self = cls()
         self.started = time.perf_counter()
+        self.classifier = classifier
         self.classifier_name = classifier.name
         self.config = config
         self.on_step = on_step or null_progress
@@ -524,6 +568,7 @@ class MaskOptimisation:
         self.blurred = perturbation_baseline(self.image, config.perturbation, config.blur, config.seed)
         self.image_n = classifier.normalise(self.image)
         self.blurred_n = classifier.normalise(self.blurred)
+        self.noise_scale = noise_scale(classifier, config.noise_std, self.device)
 
         with frozen(classifier.module):
             probs = _probabilities(classifier, self.image_n, config.precision)[0]
@@ -562,7 +607,7 @@ class MaskOptimisation:
         """The blended input in the model's normalised space, ``(1, 3, S, S)``."""
         x = blend(self.image_n, self.blurred_n, upsample_mask(self.mask, self.config.input_size))
         if noise and self.config.noise_std > 0:
-            x = x + self.config.noise_std * torch.randn(
+            x = x + self.noise_scale * torch.randn(
                 x.shape, generator=self.generator, device=self.device, dtype=x.dtype
             )
         return x
@@ -590,8 +635,19 @@ class MaskOptimisation:
             self.mask.clamp_(0, 1)
         self.history[self.iteration] = losses
         self.iteration += 1
-        if self.on_step(self.iteration, self.config.iterations, _LazyLosses(losses)):
+        lazy = _LazyLosses(losses, self.live_score, self.target, self.label, self.score_before)
+        if self.on_step(self.iteration, self.config.iterations, lazy):
             self.cancelled = True
+
+    @torch.no_grad()
+    def live_score(self) -> float:
+        """The target's probability in [0, 1] on the current mask without noise:
+        one forward pass of batch 1, the same computation as
+        :meth:`result`'s ``score_after`` (equal to it bit for bit at the last step)."""
+        classifier = self.classifier
+        with frozen(classifier.module):
+            probs = _probabilities(classifier, self.perturbed_input(noise=False), self.config.precision)[0]
+        return float(probs[self.target])
 
     @torch.no_grad()
     def result(self, model: Classifier | nn.Module) -> Explanation:
