@@ -848,7 +848,7 @@ def test_results_metrics_and_artifacts(app, client):
     assert len(body["results"]) == 2
     for k, (result, raw) in enumerate(zip(body["results"], results)):
         assert set(result) == {"target", "method", "scores", "top5", "metrics", "gradcam",
-                               "areas", "artifacts"}
+                               "areas", "warnings", "artifacts"}
         assert result["target"] == raw["target"]
         assert result["method"] == "meaningful_perturbation"
         assert result["scores"] == raw["scores"]
@@ -1328,3 +1328,34 @@ def test_gunicorn_serves_the_app(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def test_live_state_and_warnings_in_the_job_json(app, client):
+    jsonschema = pytest.importorskip("jsonschema")
+    job_id = post_job(client, iterations=60, top_k=2).get_json()["id"]
+    live = [{"index": 558, "label": "flute", "iteration": 30, "total": 60, "score": 0.25,
+             "score_iteration": 28, "score_before": 0.97},
+            {"index": 683, "label": "oboe", "iteration": 29, "total": 60, "score": None,
+             "score_iteration": None, "score_before": 0.01}]
+    set_job(app, job_id, status="running", live=live, progress_iteration=59, progress_total=120,
+            target_index=558, target_label="flute", score_before=0.97, current_score=0.25)
+    body = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    jsonschema.validate(body, _job_schema(client))
+    assert body["target"] == {"index": 558, "label": "flute"} and body["scores"]["before"] == 0.97
+    assert body["targets"] == [558, 683]  # top-k: known once the worker ranked them
+    assert body["live"][0] == {"target": {"index": 558, "label": "flute"},
+                               "progress": {"iteration": 30, "total": 60, "fraction": 0.5},
+                               "score": 0.25, "score_iteration": 28, "score_before": 0.97}
+    assert body["live"][1]["score"] is None and body["warnings"] == []
+
+    _finish_with_results(app, job_id, targets=((558, "flute"), (683, "oboe")))
+    stored = [dict(r) for r in next(j for j in rows(app) if str(j.id) == job_id).results]
+    stored[1]["warnings"] = [{"code": "low_confidence", "message": "The model gives oboe only 0.010."},
+                             {"code": 5, "message": "junk"}]
+    stored[0]["warnings"] = [{"code": "score_not_halved", "message": "Not halved."}]
+    set_job(app, job_id, results=stored)
+    body = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    jsonschema.validate(body, _job_schema(client))
+    assert body["warnings"] == [{"code": "score_not_halved", "message": "Not halved."}]
+    assert body["results"][1]["warnings"] == [{"code": "low_confidence",
+                                               "message": "The model gives oboe only 0.010."}]
