@@ -179,3 +179,29 @@ def test_same_seed_same_mask_alone_together_and_beside_others(stack, image_bytes
         assert np.array_equal(mask, masks[0])
     scores = {stack.job(j).score_after for j in (alone, *pair, beside)}
     assert len(scores) == 1
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_weak_explanations_carry_warnings(stack, image_bytes):
+    """A 1×1 black image, and the puppies-style failure (noise alone kills the
+    score, so the mask never moves and the score after is not lower)."""
+    tiny = stack.submit(_png(np.zeros((1, 1, 3), np.uint8)), config={"iterations": 20})
+    noisy = stack.submit(image_bytes, config={"iterations": 30, "noise_std": 10.0}, target=558)
+    job = stack.wait(tiny)
+    assert job.status == "succeeded", job.error
+    codes = [w["code"] for w in job.results[0]["warnings"]]
+    assert codes == ["low_confidence", "score_not_halved", "mask_unchanged", "small_input"], codes
+    job = stack.wait(noisy)
+    assert job.status == "succeeded", job.error
+    codes = [w["code"] for w in job.results[0]["warnings"]]
+    assert codes == ["score_not_halved", "mask_unchanged"], (codes, job.score_before, job.score_after)
+    assert "noise_std" in job.results[0]["warnings"][1]["message"]
