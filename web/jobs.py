@@ -532,6 +532,10 @@ def elapsed_and_eta(job: Job, now: datetime | None = None) -> tuple[float | None
     return round(elapsed, 3), (round(eta, 3) if eta is not None else None)
 
 
+#: The live preview's artifact name (top-level artifacts of a running job only).
+PREVIEW = "preview_png"
+
+
 def _artifact_filename(name: str) -> str | None:
     if name in ARTIFACTS:
         return ARTIFACTS[name]
@@ -550,6 +554,8 @@ def result_dir(storage: Any, job_id: uuid.UUID, k: int) -> Path:
 def artifact_file(storage: Any, job_id: uuid.UUID, name: str, k: int = 0) -> Path | None:
     """Path of artifact ``name`` (a key or a file name) of target ``k`` of
     ``job_id``; None if the name is unknown."""
+    if name == PREVIEW:
+        return storage.preview_path(job_id) if k == 0 else None
     filename = _artifact_filename(name)
     if filename is None:
         return None
@@ -572,6 +578,10 @@ def artifact_urls(storage: Any, job: Job, k: int | None = None) -> dict[str, str
             urls[key] = url_for("api.job_artifact", job_id=job.id, name=key)
         else:
             urls[key] = url_for("api.job_result_artifact", job_id=job.id, k=k, name=key)
+    if k is None:
+        # the live preview of a running job (the worker refreshes it every ~2 s)
+        live = job.status == JobStatus.RUNNING.value and storage.preview_path(job.id).is_file()
+        urls[PREVIEW] = url_for("api.job_artifact", job_id=job.id, name=PREVIEW) if live else None
     return urls
 
 

@@ -264,7 +264,16 @@ _JOB = {
         "started_at": _nullable({"type": "string", "format": "date-time"}),
         "finished_at": _nullable({"type": "string", "format": "date-time"}),
         "error": _nullable({"type": "string"}),
-        "artifacts": _ARTIFACT_URLS,
+        "artifacts": {
+            **_ARTIFACT_URLS,
+            "properties": {**_ARTIFACT_URLS["properties"],
+                           "preview_png": _nullable({"type": "string"})},
+            "description": _ARTIFACT_URLS["description"] + " `preview_png` is the live preview of "
+                           "a running Meaningful Perturbation job: the current mask's saliency "
+                           "(inferno, 1 = salient) over the image, longest side 256 px, rewritten "
+                           "by the worker at most every 2 s; null unless running (and until "
+                           "the first preview).",
+        },
         "metrics": _METRICS,
         "results": {
             "type": "array", "items": _RESULT,

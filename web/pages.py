@@ -247,7 +247,7 @@ def job(job_id: uuid.UUID):
     downloads = [
         {"key": key, "name": jobs_svc.ARTIFACTS[key], "url": url}
         for key, url in data["artifacts"].items()
-        if url
+        if url and key in jobs_svc.ARTIFACTS
     ]
     for k, result in enumerate(data["results"][1:], start=1):
         downloads += [

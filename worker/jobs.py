@@ -243,6 +243,56 @@ class ProgressReporter:
         return None
 
 
+#: Seconds between two live previews of the primary target's mask.
+PREVIEW_INTERVAL_S = 2.0
+#: Longest side of the live preview in pixels.
+PREVIEW_SIZE = 256
+
+
+class PreviewWriter:
+    """Writes the live preview of a running job: the current saliency over the
+    image (inferno heatmap, alpha 0.5, longest side :data:`PREVIEW_SIZE`) as
+    ``previews/<job id>.png``, atomically, at most every :data:`PREVIEW_INTERVAL_S`."""
+
+    def __init__(self, storage, job_id: uuid.UUID, pixels):
+        from shared.imaging.render import _cv2
+
+        h, w = pixels.shape[:2]
+        scale = min(1.0, PREVIEW_SIZE / max(h, w))
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        self.image = pixels if scale == 1.0 else _cv2().resize(pixels, size, interpolation=_cv2().INTER_AREA)
+        self.path = storage.preview_path(job_id)
+        self._last = float("-inf")
+        self.writes = 0
+        self.seconds = 0.0
+
+    def maybe_write(self, saliency: Callable[[], Any] | None) -> None:
+        now = time.monotonic()
+        if saliency is None or now - self._last < PREVIEW_INTERVAL_S:
+            return
+        self._last = now
+        start = time.perf_counter()
+        try:
+            import numpy as np
+
+            from shared.imaging.render import encode_png, overlay
+            from shared.storage import atomic_write
+
+            data = encode_png(overlay(self.image, 1.0 - np.clip(saliency(), 0.0, 1.0)))
+            atomic_write(self.path, data)
+            self.writes += 1
+        except Exception as error:  # noqa: BLE001 - a preview is best effort
+            log.warning("live preview not written: %s", one_line(error))
+        self.seconds += time.perf_counter() - start
+
+    @staticmethod
+    def remove_for(storage, job_id: uuid.UUID) -> None:
+        try:
+            storage.preview_path(job_id).unlink(missing_ok=True)
+        except (OSError, ValueError):
+            pass
+
+
 #: The live (noise-free) score of a target is re-evaluated at most every this many seconds...
 LIVE_SCORE_INTERVAL_S = 1.0
 #: ...and at most this fraction of the time (one extra batch-1 forward pass each).
@@ -262,8 +312,9 @@ class TargetsProgress:
     a superseded run or a stopping worker, every target stops at its next step.
     """
 
-    def __init__(self, reporter: ProgressReporter, totals: list[int]):
+    def __init__(self, reporter: ProgressReporter, totals: list[int], preview: PreviewWriter | None = None):
         self.reporter = reporter
+        self.preview = preview
         self.done = [0] * len(totals)
         self.totals = list(totals)
         self.entries: list[dict[str, Any]] = [
@@ -318,6 +369,8 @@ class TargetsProgress:
             done, totals = sum(self.done), sum(self.totals)
             if self.reporter.due(done, totals) or iteration >= total:
                 self._live_score(index, iteration, total, losses)
+            if index == 0 and self.preview is not None:
+                self.preview.maybe_write(getattr(losses, "saliency", None))
             stop = self.reporter(done, totals, losses, values=self.snapshot)
             return True if stop or self.stop_all() else None
 
@@ -402,6 +455,7 @@ def run_job(job_id: str | uuid.UUID, runtime, hostname: str | None = None,
         log.info("job %s: worker shutting down; message re-queued", jid)
         return "requeued"
     session = session_factory(runtime.database_url)()
+    claim = None
     try:
         claim = _write(session, lambda: _claim(session, jid, runtime, hostname))
         if claim is None:
@@ -422,6 +476,10 @@ def run_job(job_id: str | uuid.UUID, runtime, hostname: str | None = None,
         _finish(session, claim, status=JobStatus.FAILED.value, error=message)
         return "failed"
     finally:
+        if claim is not None:
+            # the live preview is for running jobs only (it outlives the optimisation,
+            # so the page shows the final mask while the job is being scored)
+            PreviewWriter.remove_for(runtime.storage, claim.job_id)
         session.close()
 
 
@@ -485,7 +543,8 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
     config = _config(claim)
     reporter = ProgressReporter(session, claim, runtime.stopping)
     targets = _targets(claim, runtime, decoded.pixels, config)
-    progress = TargetsProgress(reporter, [config.iterations] * len(targets))
+    preview = PreviewWriter(runtime.storage, claim.job_id, decoded.pixels) if PREVIEW_INTERVAL_S > 0 else None
+    progress = TargetsProgress(reporter, [config.iterations] * len(targets), preview)
     optimising = time.perf_counter()
     explanations = runtime.optimise_many(
         decoded.pixels, targets, config, [progress.callback(i) for i in range(len(targets))]
@@ -543,6 +602,8 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
     )
     timings["save_s"] = time.perf_counter() - saving
     timings["live_score_s"] = progress.live_seconds
+    if preview is not None:
+        timings["preview_s"] = preview.seconds
     timings["total_s"] = time.perf_counter() - started
     ok = _finish(
         session,

@@ -394,14 +394,19 @@ class _LazyLosses(Mapping):
     input) and ``live_score``: the target's probability on the current mask
     (after this step) *without* noise, computed by one extra forward pass only
     when read. Attributes ``target``, ``label`` and ``score_before`` describe
-    the run (known from its creation).
+    the run (known from its creation); ``saliency()`` returns the current
+    low-resolution saliency map.
     """
 
     KEYS = (*LOSS_KEYS, "live_score")
 
     def __init__(self, values: torch.Tensor, live: Callable[[], float] | None = None,
-                 target: int | None = None, label: str | None = None, score_before: float | None = None):
+                 target: int | None = None, label: str | None = None, score_before: float | None = None,
+                 saliency: Callable[[], np.ndarray] | None = None):
         self._values = values
+        #: ``saliency()``: the current ``(h, w)`` float32 saliency in [0, 1]
+        #: (high = important), a copy; ``None`` when the run offers none.
+        self.saliency = saliency
         self._cache: list[float] | None = None
         self._live = live
         self._live_value: float | None = None
@@ -635,9 +640,17 @@ class MaskOptimisation:
             self.mask.clamp_(0, 1)
         self.history[self.iteration] = losses
         self.iteration += 1
-        lazy = _LazyLosses(losses, self.live_score, self.target, self.label, self.score_before)
+        lazy = _LazyLosses(losses, self.live_score, self.target, self.label, self.score_before,
+                           self.current_saliency)
         if self.on_step(self.iteration, self.config.iterations, lazy):
             self.cancelled = True
+
+    @torch.no_grad()
+    def current_saliency(self) -> np.ndarray:
+        """The current mask as a saliency map: ``(h, w)`` float32 in [0, 1],
+        high = important (``1 - mask`` when deleting, ``mask`` when preserving)."""
+        mask = self.mask.detach()[0, 0].float().cpu().numpy().copy()
+        return mask if self.config.game == "preservation" else 1.0 - mask
 
     @torch.no_grad()
     def live_score(self) -> float:

@@ -469,3 +469,25 @@ def test_results_carry_warnings(runtime):
     codes = [w["code"] for w in warnings]
     assert "small_input" in codes and "mask_unchanged" in codes and "score_not_halved" in codes
     assert all(isinstance(w["message"], str) and w["message"] for w in warnings)
+
+
+def test_live_preview_written_while_running_then_removed(runtime, monkeypatch):
+    monkeypatch.setattr(jobs, "PREVIEW_INTERVAL_S", 1e-9)
+    job_id = add_job(runtime, config=CONFIG.replace(iterations=6))
+    path = runtime.storage.preview_path(job_id)
+    original = runtime.optimise_many
+    seen = []
+
+    def optimise(pixels, targets, config, on_steps):
+        def step(iteration, total, losses):
+            stop = on_steps[0](iteration, total, losses)
+            seen.append(np.asarray(Image.open(path)).copy())
+            return stop
+        return original(pixels, targets, config, [step])
+
+    runtime.optimise_many = optimise
+    assert run_job(job_id, runtime) == "succeeded"
+    assert len(seen) == 6 and seen[0].shape == (48, 40, 3)  # the image's size (under 256 px)
+    assert not np.array_equal(seen[0], seen[-1])  # the mask moved
+    assert not path.exists()
+    assert get(runtime, job_id).timings["preview_s"] > 0

@@ -512,7 +512,7 @@ def test_get_job_contract(app, client):
     assert set(body["image"]) == {"sha256", "width", "height", "filename"}
     assert set(body["artifacts"]) == {"mask_npy", "mask_png", "heatmap_png", "overlay_png",
                                       "perturbed_png", "result_json", "gradcam_npy",
-                                      "gradcam_png", "areas_png"}
+                                      "gradcam_png", "areas_png", "preview_png"}
     assert all(v is None for v in body["artifacts"].values())
     assert body["metrics"] is None and body["results"] == []
     assert body["targets"] is None and body["top_k"] == 1
@@ -607,7 +607,7 @@ def test_artifacts_served_once_they_exist(app, client):
     assert body["scores"] == {"before": 0.9, "after": 0.05}
     assert body["top5"]["before"][0]["label"] == "flute"
     assert body["eta_s"] == 0.0
-    extras = {"gradcam_npy", "gradcam_png", "areas_png"}  # not written by this job
+    extras = {"gradcam_npy", "gradcam_png", "areas_png", "preview_png"}  # not written by this job (preview: running only)
     for key, url in body["artifacts"].items():
         assert url == (None if key in extras else f"/api/v1/jobs/{job_id}/artifacts/{key}")
     for key in extras:
@@ -855,7 +855,7 @@ def test_results_metrics_and_artifacts(app, client):
         assert result["top5"] == raw["top5"]
         assert result["metrics"] == raw["metrics"] and result["gradcam"] == raw["gradcam"]
         assert result["areas"] is None
-        assert set(result["artifacts"]) == set(body["artifacts"])
+        assert set(result["artifacts"]) == set(body["artifacts"]) - {"preview_png"}
         for key, url in result["artifacts"].items():
             if key == "areas_png":
                 assert url is None
@@ -1359,3 +1359,24 @@ def test_live_state_and_warnings_in_the_job_json(app, client):
     assert body["warnings"] == [{"code": "score_not_halved", "message": "Not halved."}]
     assert body["results"][1]["warnings"] == [{"code": "low_confidence",
                                                "message": "The model gives oboe only 0.010."}]
+
+
+def test_preview_link_while_running(app, client):
+    jsonschema = pytest.importorskip("jsonschema")
+    job_id = post_job(client, iterations=20).get_json()["id"]
+    storage = app.extensions["ebb"].storage
+    set_job(app, job_id, status="running")
+    assert client.get(f"/api/v1/jobs/{job_id}").get_json()["artifacts"]["preview_png"] is None
+    assert_error(client.get(f"/api/v1/jobs/{job_id}/artifacts/preview_png"), 404)
+    from shared.storage import atomic_write
+
+    atomic_write(storage.preview_path(job_id), b"\x89PNG preview")
+    body = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    jsonschema.validate(body, _job_schema(client))
+    assert body["artifacts"]["preview_png"] == f"/api/v1/jobs/{job_id}/artifacts/preview_png"
+    response = client.get(body["artifacts"]["preview_png"])
+    assert response.status_code == 200 and response.data == b"\x89PNG preview"
+    assert response.mimetype == "image/png" and response.headers["Cache-Control"] == "no-cache"
+    assert_error(client.get(f"/api/v1/jobs/{job_id}/results/1/artifacts/preview_png"), 404)
+    set_job(app, job_id, status="succeeded")
+    assert client.get(f"/api/v1/jobs/{job_id}").get_json()["artifacts"]["preview_png"] is None
