@@ -84,6 +84,8 @@
     }
     set("current-score", score(job.current_score));
     set("live-score-before", score((job.scores || {}).before));
+    var t = job.target || {};
+    if (t.label && $("job-target")) set("job-target", t.label + " (#" + t.index + ")");
     liveTargets(job);
     preview(job);
     set("elapsed", duration(job.elapsed_s));
