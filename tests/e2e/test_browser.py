@@ -90,8 +90,9 @@ def test_upload_watch_progress_and_see_results(e2e_stack, page, flute_image, sho
     after = page.inner_text("#score-after")
     assert float(before) > float(after), (before, after)
     assert page.locator(".chart .bar-row").count() >= 2
-    # Six result files, the Grad-CAM map and overlay, and job.json.
-    assert page.locator(".downloads a").count() == 9
+    # Six result files, the saliency at the original size (npy, png), the
+    # Grad-CAM map and overlay, and job.json.
+    assert page.locator(".downloads a").count() == 11
 
     # The faithfulness card: Grad-CAM next to the mask, both curves drawn.
     _assert_result_card(page, 0, gradcam=True)

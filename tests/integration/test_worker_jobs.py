@@ -205,3 +205,19 @@ def test_weak_explanations_carry_warnings(stack, image_bytes):
     codes = [w["code"] for w in job.results[0]["warnings"]]
     assert codes == ["score_not_halved", "mask_unchanged"], (codes, job.score_before, job.score_after)
     assert "noise_std" in job.results[0]["warnings"][1]["message"]
+
+
+def test_saliency_artifacts_at_the_original_size(stack, image_bytes):
+    from PIL import Image
+    import io
+
+    job_id = stack.submit(image_bytes)
+    assert stack.wait(job_id).status == "succeeded"
+    width, height = Image.open(io.BytesIO(image_bytes)).size
+    folder = stack.storage.job_dir(job_id)
+    saliency = np.load(folder / "saliency.npy")
+    assert saliency.shape == (height, width) and saliency.dtype == np.float32
+    assert 0 <= saliency.min() and saliency.max() <= 1 and saliency.max() > 0
+    assert Image.open(folder / "saliency.png").size == (width, height)
+    mask = np.load(folder / "mask.npy")  # 1 = keep: the saliency is high where the mask is low
+    assert saliency.mean() == pytest.approx(1 - mask.mean(), abs=0.05)

@@ -512,7 +512,8 @@ def test_get_job_contract(app, client):
     assert set(body["image"]) == {"sha256", "width", "height", "filename"}
     assert set(body["artifacts"]) == {"mask_npy", "mask_png", "heatmap_png", "overlay_png",
                                       "perturbed_png", "result_json", "gradcam_npy",
-                                      "gradcam_png", "areas_png", "preview_png"}
+                                      "gradcam_png", "areas_png", "saliency_npy", "saliency_png",
+                                      "preview_png"}
     assert all(v is None for v in body["artifacts"].values())
     assert body["metrics"] is None and body["results"] == []
     assert body["targets"] is None and body["top_k"] == 1
@@ -607,7 +608,7 @@ def test_artifacts_served_once_they_exist(app, client):
     assert body["scores"] == {"before": 0.9, "after": 0.05}
     assert body["top5"]["before"][0]["label"] == "flute"
     assert body["eta_s"] == 0.0
-    extras = {"gradcam_npy", "gradcam_png", "areas_png", "preview_png"}  # not written by this job (preview: running only)
+    extras = {"gradcam_npy", "gradcam_png", "areas_png", "saliency_npy", "saliency_png", "preview_png"}  # not written by this job (preview: running only)
     for key, url in body["artifacts"].items():
         assert url == (None if key in extras else f"/api/v1/jobs/{job_id}/artifacts/{key}")
     for key in extras:
