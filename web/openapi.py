@@ -51,13 +51,40 @@ def _float_param(name: str, description: str) -> dict[str, Any]:
     }
 
 
+#: What each artifact is: size, range, meaning (S = the model's input side,
+#: e.g. 224; H × W = the uploaded image; m = mask_size, e.g. 28).
+ARTIFACT_DESCRIPTIONS = {
+    "mask_npy": "The optimised mask, m × m float32 in [0, 1]; 1 = pixel kept, 0 = replaced by "
+                "the perturbation (in the deletion game the salient region is where it is low).",
+    "mask_png": "The mask upsampled to S × S (the model's square input, the image squashed), "
+                "grey levels: white = kept, black = removed.",
+    "heatmap_png": "The saliency at S × S (the model's square input, squashed), inferno colours: "
+                   "black = 0 (not salient) to light yellow = 1 (most salient).",
+    "overlay_png": "The saliency heatmap blended (alpha 0.5) over the image at its original H × W.",
+    "perturbed_png": "The S × S image the model saw at the end (squashed; blurred where the mask "
+                     "is 0), no noise.",
+    "result_json": "Scores, top-5, config, loss history and timings of the target.",
+    "gradcam_npy": "The Grad-CAM map of the same class, S × S float32 in [0, 1], 1 = salient; "
+                   "null when not computed.",
+    "gradcam_png": "The Grad-CAM map as a heatmap over the image at its original H × W.",
+    "areas_png": "Extremal jobs: one overlay per target area, side by side, 224 px tiles.",
+    "saliency_npy": "The saliency at the image's original H × W, float32 in [0, 1], 1 = salient "
+                    "(1 - mask in the deletion game, the mask in the preservation game; the same "
+                    "convention as gradcam.npy).",
+    "saliency_png": "saliency.npy as an inferno heatmap at the original H × W "
+                    "(black = 0, light yellow = 1).",
+}
+
 _ARTIFACT_URLS = {
     "type": "object",
     "description": "Absolute-path URLs of the result files; null until the job succeeded. "
-                   "`gradcam_npy`, `gradcam_png` (the Grad-CAM baseline) and `areas_png` "
-                   "(extremal jobs: one overlay per target area) are null when the job did "
-                   "not compute them.",
-    "properties": {key: _nullable({"type": "string"}) for key in ARTIFACTS},
+                   "`gradcam_npy`, `gradcam_png` (the Grad-CAM baseline), `areas_png` "
+                   "(extremal jobs: one overlay per target area) and `saliency_npy`, "
+                   "`saliency_png` (jobs run before they existed) are null when the job did "
+                   "not compute them. Each property's description says the file's size, "
+                   "range and meaning.",
+    "properties": {key: _nullable({"type": "string", "description": ARTIFACT_DESCRIPTIONS.get(key, "")})
+                   for key in ARTIFACTS},
     "required": list(ARTIFACTS),
 }
 
@@ -358,6 +385,14 @@ succeeded, fetch the result files from `artifacts`.
   `/jobs/{job_id}/results/{k}/artifacts/{name}`.
 * Every finished job carries faithfulness scores (`metrics`: deletion and
   insertion AUCs and curves of the mask, and of a Grad-CAM baseline).
+* While a job runs, `live` holds each target's progress and live score (its
+  probability on the current mask without the optimisation's noise),
+  `target` and `scores.before` are filled in at the worker's first report,
+  and `artifacts.preview_png` links a preview of the current mask (every 2 s).
+* Every result carries `warnings` (`[{"code", "message"}]`) saying why the
+  explanation may be weak; the job's `warnings` are the primary result's.
+* The same image, settings and seed give bit-for-bit the same mask and scores
+  (Meaningful Perturbation, same worker configuration), whatever else runs.
 * **Unknown form fields are ignored.**
 * The image is recognised by its content (never by file name or content type).
 * The original file name is kept for display only (cleaned: path parts and
@@ -444,8 +479,12 @@ def _base_document(server_url: str) -> dict[str, Any]:
     }
     job_ref = {"$ref": "#/components/schemas/Job"}
     artifact_name = {"name": "name", "in": "path", "required": True,
-                     "description": "Artifact key or file name.",
-                     "schema": {"type": "string", "enum": list(ARTIFACTS) + list(ARTIFACTS.values())}}
+                     "description": "Artifact key or file name (see the Job schema's `artifacts` "
+                                    "for each file's size, range and meaning); `preview_png`: "
+                                    "the live preview of a running job (`/jobs/{job_id}/artifacts/"
+                                    "preview_png` only).",
+                     "schema": {"type": "string",
+                                "enum": list(ARTIFACTS) + list(ARTIFACTS.values()) + ["preview_png"]}}
 
     def artifact_get(operation_id: str, summary: str) -> dict[str, Any]:
         """The GET operation of an artifact file route."""
