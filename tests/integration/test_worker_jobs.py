@@ -221,3 +221,21 @@ def test_saliency_artifacts_at_the_original_size(stack, image_bytes):
     assert Image.open(folder / "saliency.png").size == (width, height)
     mask = np.load(folder / "mask.npy")  # 1 = keep: the saliency is high where the mask is low
     assert saliency.mean() == pytest.approx(1 - mask.mean(), abs=0.05)
+
+
+def test_target_score_before_and_live_state_while_running(stack, image_bytes):
+    job_id = stack.submit(image_bytes, config={"iterations": 400})
+    job = wait_for(lambda: (j := stack.job(job_id)).status == "running" and j.live
+                   and j.live[0].get("score") is not None and j,
+                   timeout=60, interval=0.05, what="the job's first live score")
+    assert isinstance(job.target_index, int) and job.target_label  # the top-1, known early
+    assert 0 < job.score_before <= 1 and job.score_after is None
+    [entry] = job.live
+    assert entry["index"] == job.target_index and entry["score_before"] == job.score_before
+    assert 0 <= entry["score"] <= 1 and entry["total"] == 400 and entry["score_iteration"] >= 1
+    assert job.current_score == entry["score"]
+    wait_for(lambda: stack.storage.preview_path(job_id).is_file(), timeout=30, interval=0.05,
+             what="the live preview")
+    stack.request_cancel(job_id)
+    assert stack.wait(job_id).status == "cancelled"
+    assert not stack.storage.preview_path(job_id).exists()
