@@ -491,3 +491,27 @@ def test_live_preview_written_while_running_then_removed(runtime, monkeypatch):
     assert not np.array_equal(seen[0], seen[-1])  # the mask moved
     assert not path.exists()
     assert get(runtime, job_id).timings["preview_s"] > 0
+
+
+def test_extremal_live_score_is_a_probability(runtime, monkeypatch):
+    monkeypatch.setattr(jobs, "PROGRESS_INTERVAL_S", 0.0)
+    monkeypatch.setattr(jobs, "LIVE_SCORE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(jobs, "LIVE_SCORE_BUDGET", 1.0)
+    job_id = add_job(runtime, config=CONFIG.replace(method="extremal", game="preservation", iterations=5,
+                                                    areas=(0.1, 0.3)))
+    original = runtime.optimise_many
+    seen = []
+
+    def optimise(pixels, targets, config, on_steps):
+        def step(iteration, total, losses):
+            stop = on_steps[0](iteration, total, losses)
+            job = get(runtime, job_id)
+            seen.append((job.current_score, job.live[0]["score"], losses["score"], job.score_before))
+            return stop
+        return original(pixels, targets, config, [step])
+
+    runtime.optimise_many = optimise
+    assert run_job(job_id, runtime) == "succeeded"
+    for current, live, reward, before in seen:
+        assert current == live and 0 <= live <= 1 and 0 < before <= 1
+    assert any(live != reward for _, live, reward, _ in seen)  # not the raw logit
