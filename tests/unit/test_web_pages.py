@@ -802,3 +802,10 @@ def test_weak_result_shows_warnings_and_colour_scale(app, client):
     assert 'data-code="score_not_halved"' in section and "lower noise_std" in section
     assert 'id="colour-scale"' in html and "most salient" in html
     assert "model input size" in html and "original size" in html
+
+
+def test_form_suggests_what_to_try_on_a_weak_result(client):
+    html = client.get("/").get_data(as_text=True)
+    tips = html[html.index('id="weak-tips"'):html.index("</p>", html.index('id="weak-tips"'))]
+    assert "noise std" in tips and "iterations" in tips and "preservation" in tips
+    assert "bit-for-bit" in html  # the seed's guarantee
