@@ -110,6 +110,14 @@ class Storage:
         """The bytes of upload ``sha``; ``FileNotFoundError`` if missing."""
         return self.upload_path(sha).read_bytes()
 
+    @property
+    def previews_dir(self) -> Path:
+        return self.data_dir / "previews"
+
+    def preview_path(self, job_id: uuid.UUID | str) -> Path:
+        """The live preview of a running job (``previews/<id>.png``, which may not exist)."""
+        return self.previews_dir / f"{parse_job_id(job_id)}.png"
+
     def job_dir(self, job_id: uuid.UUID | str) -> Path:
         """Artifact folder of ``job_id`` (which must be a UUID)."""
         return self.jobs_dir / str(parse_job_id(job_id))

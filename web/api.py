@@ -120,7 +120,7 @@ def job_result_artifact(job_id: uuid.UUID, k: int, name: str):
     """An artifact of the ``k``-th explained target (0 = the primary target,
     the same files as ``/artifacts/<name>``)."""
     st = state()
-    if jobs_svc.artifact_file(st.storage, job_id, name) is None:
+    if name == jobs_svc.PREVIEW or jobs_svc.artifact_file(st.storage, job_id, name) is None:
         raise _unknown_artifact()
     job = jobs_svc.get_job(get_db(), job_id)
     count = len(jobs_svc.stored_results(job))

@@ -111,10 +111,15 @@ class JobForm(FlaskForm):
         "l1_coeff": "Sparsity: how strongly the mask is pushed to keep pixels.",
         "tv_coeff": "Smoothness: total-variation penalty of the mask.",
         "tv_beta": "Exponent of the total-variation term (1-10).",
-        "noise_std": "Gaussian noise added to the perturbed image on every step.",
+        "noise_std": "Gaussian noise added to the perturbed image on every step, in units of "
+                     "ImageNet's pixel std (0.2 = the reference's noise on VGG19; the same "
+                     "pixel noise on every model). Lower it if the mask stays all ones.",
         "mask_size": "Side of the low-resolution mask (4-224, at most the input size).",
         "input_size": "Side of the square image fed to the model (32-1024).",
-        "seed": "Seed of the noise; same image, settings and seed give the same mask.",
+        "seed": "Seed of the noise. Meaningful perturbation: the same image, settings and "
+                "seed give bit-for-bit the same mask and scores, alone or beside other jobs, "
+                "on a worker with the same model, device and batch layout; extremal: the "
+                "same within float rounding.",
         "blur": "How the blurred copy is made (used by the blur perturbation).",
         "game": "deletion: the smallest region whose removal destroys the class; "
                 "preservation: the smallest region that alone keeps it.",

@@ -538,6 +538,10 @@ def elapsed_and_eta(job: Job, now: datetime | None = None) -> tuple[float | None
     return round(elapsed, 3), (round(eta, 3) if eta is not None else None)
 
 
+#: The live preview's artifact name (top-level artifacts of a running job only).
+PREVIEW = "preview_png"
+
+
 def _artifact_filename(name: str) -> str | None:
     if name in ARTIFACTS:
         return ARTIFACTS[name]
@@ -556,6 +560,8 @@ def result_dir(storage: Any, job_id: uuid.UUID, k: int) -> Path:
 def artifact_file(storage: Any, job_id: uuid.UUID, name: str, k: int = 0) -> Path | None:
     """Path of artifact ``name`` (a key or a file name) of target ``k`` of
     ``job_id``; None if the name is unknown."""
+    if name == PREVIEW:
+        return storage.preview_path(job_id) if k == 0 else None
     filename = _artifact_filename(name)
     if filename is None:
         return None
@@ -578,6 +584,10 @@ def artifact_urls(storage: Any, job: Job, k: int | None = None) -> dict[str, str
             urls[key] = url_for("api.job_artifact", job_id=job.id, name=key)
         else:
             urls[key] = url_for("api.job_result_artifact", job_id=job.id, k=k, name=key)
+    if k is None:
+        # the live preview of a running job (the worker refreshes it every ~2 s)
+        live = job.status == JobStatus.RUNNING.value and storage.preview_path(job.id).is_file()
+        urls[PREVIEW] = url_for("api.job_artifact", job_id=job.id, name=PREVIEW) if live else None
     return urls
 
 
@@ -679,6 +689,37 @@ def _clean_areas(raw: Any) -> list[dict[str, float | None]] | None:
     ]
 
 
+def clean_warnings(raw: Any) -> list[dict[str, str]]:
+    """``[{"code", "message"}, ...]`` from stored warnings; malformed entries dropped."""
+    if not isinstance(raw, list):
+        return []
+    out = []
+    for w in raw[:20]:
+        if isinstance(w, dict) and isinstance(w.get("code"), str) and isinstance(w.get("message"), str):
+            out.append({"code": w["code"][:64], "message": w["message"][:1000]})
+    return out
+
+
+def clean_live(raw: Any) -> list[dict[str, Any]] | None:
+    """``Job.live`` in its public shape: one entry per target, the primary
+    first, or None when the worker has not reported yet."""
+    if not isinstance(raw, list) or not raw:
+        return None
+    out = []
+    for e in raw[:MAX_RESULTS]:
+        e = e if isinstance(e, dict) else {}
+        iteration, total = _int(e.get("iteration")) or 0, _int(e.get("total")) or 0
+        out.append({
+            "target": {"index": _int(e.get("index")), "label": _str(e.get("label"))},
+            "progress": {"iteration": max(0, iteration), "total": max(0, total),
+                         "fraction": round(min(1.0, max(0, iteration) / total), 4) if total > 0 else 0.0},
+            "score": finite_number(e.get("score")),
+            "score_iteration": _int(e.get("score_iteration")),
+            "score_before": finite_number(e.get("score_before")),
+        })
+    return out
+
+
 def clean_result(raw: Any) -> dict[str, Any]:
     """One entry of ``Job.results`` in its public shape (without artifacts);
     anything malformed becomes null, never an error."""
@@ -693,6 +734,7 @@ def clean_result(raw: Any) -> dict[str, Any]:
         "metrics": _clean_metrics(raw.get("metrics")),
         "gradcam": _clean_metrics(raw.get("gradcam")),
         "areas": _clean_areas(raw.get("areas")),
+        "warnings": clean_warnings(raw.get("warnings")),
     }
 
 
@@ -742,12 +784,16 @@ def job_to_dict(db: Session, storage: Any, job: Job) -> dict[str, Any]:
     position = queue_position(db, job)
     results = results_to_list(storage, job)
     top_k = _int(job.top_k)
+    live = clean_live(job.live)
+    targets = _targets(job)
+    if targets is None and live and len(live) > 1 and all(e["target"]["index"] is not None for e in live):
+        targets = [e["target"]["index"] for e in live]  # top-k: known once the worker ranked them
     return {
         "id": str(job.id),
         "status": job.status,
         "model": job.model,
         "target": {"index": job.target_index, "label": job.target_label},
-        "targets": _targets(job),
+        "targets": targets,
         "top_k": top_k if top_k and top_k > 0 else 1,
         "progress": {
             "iteration": iteration,
@@ -764,6 +810,8 @@ def job_to_dict(db: Session, storage: Any, job: Job) -> dict[str, Any]:
         "artifacts": artifact_urls(storage, job),
         "metrics": metrics_summary(results),
         "results": results,
+        "warnings": results[0]["warnings"] if results else [],
+        "live": live,
         "queue_position": position,
         "queue": queue_info(db, job, position),
         "current_score": finite_number(job.current_score),

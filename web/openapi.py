@@ -51,13 +51,40 @@ def _float_param(name: str, description: str) -> dict[str, Any]:
     }
 
 
+#: What each artifact is: size, range, meaning (S = the model's input side,
+#: e.g. 224; H × W = the uploaded image; m = mask_size, e.g. 28).
+ARTIFACT_DESCRIPTIONS = {
+    "mask_npy": "The optimised mask, m × m float32 in [0, 1]; 1 = pixel kept, 0 = replaced by "
+                "the perturbation (in the deletion game the salient region is where it is low).",
+    "mask_png": "The mask upsampled to S × S (the model's square input, the image squashed), "
+                "grey levels: white = kept, black = removed.",
+    "heatmap_png": "The saliency at S × S (the model's square input, squashed), inferno colours: "
+                   "black = 0 (not salient) to light yellow = 1 (most salient).",
+    "overlay_png": "The saliency heatmap blended (alpha 0.5) over the image at its original H × W.",
+    "perturbed_png": "The S × S image the model saw at the end (squashed; blurred where the mask "
+                     "is 0), no noise.",
+    "result_json": "Scores, top-5, config, loss history and timings of the target.",
+    "gradcam_npy": "The Grad-CAM map of the same class, S × S float32 in [0, 1], 1 = salient; "
+                   "null when not computed.",
+    "gradcam_png": "The Grad-CAM map as a heatmap over the image at its original H × W.",
+    "areas_png": "Extremal jobs: one overlay per target area, side by side, 224 px tiles.",
+    "saliency_npy": "The saliency at the image's original H × W, float32 in [0, 1], 1 = salient "
+                    "(1 - mask in the deletion game, the mask in the preservation game; the same "
+                    "convention as gradcam.npy).",
+    "saliency_png": "saliency.npy as an inferno heatmap at the original H × W "
+                    "(black = 0, light yellow = 1).",
+}
+
 _ARTIFACT_URLS = {
     "type": "object",
     "description": "Absolute-path URLs of the result files; null until the job succeeded. "
-                   "`gradcam_npy`, `gradcam_png` (the Grad-CAM baseline) and `areas_png` "
-                   "(extremal jobs: one overlay per target area) are null when the job did "
-                   "not compute them.",
-    "properties": {key: _nullable({"type": "string"}) for key in ARTIFACTS},
+                   "`gradcam_npy`, `gradcam_png` (the Grad-CAM baseline), `areas_png` "
+                   "(extremal jobs: one overlay per target area) and `saliency_npy`, "
+                   "`saliency_png` (jobs run before they existed) are null when the job did "
+                   "not compute them. Each property's description says the file's size, "
+                   "range and meaning.",
+    "properties": {key: _nullable({"type": "string", "description": ARTIFACT_DESCRIPTIONS.get(key, "")})
+                   for key in ARTIFACTS},
     "required": list(ARTIFACTS),
 }
 
@@ -149,6 +176,47 @@ _AREA_ROW = {
     "required": ["area", "area_achieved", "score_after"],
 }
 
+_WARNINGS = {
+    "type": "array",
+    "description": "Why this explanation may be weak (empty when nothing was found): "
+                   "`low_confidence` (the model's probability of the target was below 0.1 "
+                   "before the perturbation), `score_not_halved` (deletion: the score after "
+                   "is more than half the score before), `score_not_raised` (preservation: "
+                   "the score did not rise), `mask_unchanged` (the mask barely moved from its "
+                   "start), `small_input` (the image is much smaller than the model's input, "
+                   "so it was upscaled). Each message says why and what to try.",
+    "items": {
+        "type": "object",
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+        "required": ["code", "message"],
+    },
+}
+
+_LIVE_TARGET = {
+    "type": "object",
+    "properties": {
+        "target": _TARGET,
+        "progress": {
+            "type": "object",
+            "properties": {
+                "iteration": {"type": "integer", "minimum": 0},
+                "total": {"type": "integer", "minimum": 0},
+                "fraction": {"type": "number", "minimum": 0, "maximum": 1},
+            },
+            "required": ["iteration", "total", "fraction"],
+        },
+        "score": _nullable({"type": "number", "minimum": 0, "maximum": 1,
+                            "description": "Live score: the target's probability on the mask "
+                                           "at iteration `score_iteration`, without the "
+                                           "optimisation's noise (for extremal jobs: on the "
+                                           "largest area's mask); null until first measured."}),
+        "score_iteration": _nullable({"type": "integer", "minimum": 0}),
+        "score_before": _nullable({"type": "number", "minimum": 0, "maximum": 1,
+                                   "description": "The target's probability on the original image."}),
+    },
+    "required": ["target", "progress", "score", "score_iteration", "score_before"],
+}
+
 _RESULT = {
     "type": "object",
     "description": "One explained target: its scores, faithfulness metrics, the Grad-CAM "
@@ -167,13 +235,14 @@ _RESULT = {
                                              "baseline for the same class."}),
         "areas": _nullable({"type": "array", "items": _AREA_ROW,
                             "description": "Extremal jobs: one row per target area."}),
+        "warnings": _WARNINGS,
         "artifacts": {**_ARTIFACT_URLS,
                       "description": "URLs of this target's files "
                                      "(`/jobs/{job_id}/results/{k}/artifacts/{name}`); null "
                                      "when absent."},
     },
     "required": ["target", "method", "scores", "top5", "metrics", "gradcam", "areas",
-                 "artifacts"],
+                 "warnings", "artifacts"],
 }
 
 _WORKER = {
@@ -204,7 +273,8 @@ _JOB = {
     "required": [
         "id", "status", "model", "target", "targets", "top_k", "progress", "scores", "top5",
         "config", "created_at", "started_at", "finished_at", "error", "artifacts", "metrics",
-        "results", "queue_position", "queue", "current_score", "elapsed_s", "eta_s", "attempts",
+        "results", "warnings", "live", "queue_position", "queue", "current_score", "elapsed_s",
+        "eta_s", "attempts",
         "worker", "timings", "image", "links",
     ],
     "properties": {
@@ -215,12 +285,12 @@ _JOB = {
             **_TARGET,
             "description": "Class explained (the primary one when there are several); null "
                            "index/label until the worker resolved the model's top-1 class "
-                           "when none was requested.",
+                           "when none was requested (written at its first progress report).",
         },
         "targets": _nullable({
             "type": "array", "items": {"type": "integer"},
-            "description": "Class indices requested with `targets` (primary first); null "
-                           "when not given.",
+            "description": "Class indices requested with `targets` (primary first); for a "
+                           "`top_k` job, the k classes once the worker ranked them; else null.",
         }),
         "top_k": {"type": "integer", "minimum": 1,
                   "description": "How many of the most probable classes are explained "
@@ -245,13 +315,30 @@ _JOB = {
         "started_at": _nullable({"type": "string", "format": "date-time"}),
         "finished_at": _nullable({"type": "string", "format": "date-time"}),
         "error": _nullable({"type": "string"}),
-        "artifacts": _ARTIFACT_URLS,
+        "artifacts": {
+            **_ARTIFACT_URLS,
+            "properties": {**_ARTIFACT_URLS["properties"],
+                           "preview_png": _nullable({"type": "string"})},
+            "description": _ARTIFACT_URLS["description"] + " `preview_png` is the live preview of "
+                           "a running Meaningful Perturbation job: the current mask's saliency "
+                           "(inferno, 1 = salient) over the image, longest side 256 px, rewritten "
+                           "by the worker at most every 2 s; null unless running (and until "
+                           "the first preview).",
+        },
         "metrics": _METRICS,
         "results": {
             "type": "array", "items": _RESULT,
             "description": "One entry per explained target, the primary first (empty until "
                            "the job succeeded, or for jobs run before results existed).",
         },
+        "warnings": {**_WARNINGS, "description": "The primary result's `warnings` (empty "
+                                                 "until the job succeeded). " + _WARNINGS["description"]},
+        "live": _nullable({
+            "type": "array", "items": _LIVE_TARGET,
+            "description": "Per-target live state written by the worker while it runs (kept "
+                           "afterwards), the primary first: progress, the live noise-free "
+                           "score and the score before; null until the worker's first report.",
+        }),
         "queue_position": _nullable({
             "type": "integer", "minimum": 1,
             "description": "1-based place among the queued jobs of the same model "
@@ -277,7 +364,10 @@ _JOB = {
             },
         }),
         "current_score": _nullable({"type": "number",
-                                    "description": "Target probability at the current step."}),
+                                    "description": "Live score of the primary target: its "
+                                                   "probability on the current mask without the "
+                                                   "optimisation's noise (see `live`); the score "
+                                                   "after once succeeded."}),
         "elapsed_s": _nullable({"type": "number", "minimum": 0}),
         "eta_s": _nullable({"type": "number", "minimum": 0,
                             "description": "While running: seconds left, including the scoring "
@@ -340,6 +430,14 @@ succeeded, fetch the result files from `artifacts`.
   `/jobs/{job_id}/results/{k}/artifacts/{name}`.
 * Every finished job carries faithfulness scores (`metrics`: deletion and
   insertion AUCs and curves of the mask, and of a Grad-CAM baseline).
+* While a job runs, `live` holds each target's progress and live score (its
+  probability on the current mask without the optimisation's noise),
+  `target` and `scores.before` are filled in at the worker's first report,
+  and `artifacts.preview_png` links a preview of the current mask (every 2 s).
+* Every result carries `warnings` (`[{"code", "message"}]`) saying why the
+  explanation may be weak; the job's `warnings` are the primary result's.
+* The same image, settings and seed give bit-for-bit the same mask and scores
+  (Meaningful Perturbation, same worker configuration), whatever else runs.
 * **Unknown form fields are ignored.**
 * The image is recognised by its content (never by file name or content type).
 * The original file name is kept for display only (cleaned: path parts and
@@ -426,8 +524,12 @@ def _base_document(server_url: str) -> dict[str, Any]:
     }
     job_ref = {"$ref": "#/components/schemas/Job"}
     artifact_name = {"name": "name", "in": "path", "required": True,
-                     "description": "Artifact key or file name.",
-                     "schema": {"type": "string", "enum": list(ARTIFACTS) + list(ARTIFACTS.values())}}
+                     "description": "Artifact key or file name (see the Job schema's `artifacts` "
+                                    "for each file's size, range and meaning); `preview_png`: "
+                                    "the live preview of a running job (`/jobs/{job_id}/artifacts/"
+                                    "preview_png` only).",
+                     "schema": {"type": "string",
+                                "enum": list(ARTIFACTS) + list(ARTIFACTS.values()) + ["preview_png"]}}
 
     def artifact_get(operation_id: str, summary: str) -> dict[str, Any]:
         """The GET operation of an artifact file route."""
@@ -529,7 +631,10 @@ def _base_document(server_url: str) -> dict[str, Any]:
                                                                  "Weight of the TV term."),
                                         "tv_beta": _float_param("tv_beta", "TV exponent."),
                                         "noise_std": _float_param("noise_std",
-                                                                  "Std of the added noise."),
+                                                                  "Std of the Gaussian noise added to the perturbed input on every step, "
+                                                                  "in units of ImageNet's per-channel pixel std (0.229, 0.224, 0.225): "
+                                                                  "the same pixel-space noise for every model; 0.2 is the reference's "
+                                                                  "noise on VGG19."),
                                         "mask_size": _int_param("mask_size",
                                                                 "Side of the mask."),
                                         "input_size": _int_param(

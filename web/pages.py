@@ -49,6 +49,14 @@ RESULT_IMAGES = (
     ("mask_png", "Mask"),
     ("perturbed_png", "Perturbed"),
 )
+#: Captions' notes: what size each picture is at.
+RESULT_IMAGE_NOTES = {
+    "original": "original size",
+    "overlay_png": "original size",
+    "heatmap_png": "model input size, squashed square",
+    "mask_png": "model input size, squashed square; white = kept",
+    "perturbed_png": "model input size, squashed square",
+}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -265,11 +273,12 @@ def job(job_id: uuid.UUID):
                 else data["artifacts"].get(key)
             )
             if url:
-                images.append({"key": key, "title": title, "url": url})
+                images.append({"key": key, "title": title, "url": url,
+                               "note": RESULT_IMAGE_NOTES.get(key, "")})
     downloads = [
         {"key": key, "name": jobs_svc.ARTIFACTS[key], "url": url}
         for key, url in data["artifacts"].items()
-        if url
+        if url and key in jobs_svc.ARTIFACTS
     ]
     for k, result in enumerate(data["results"][1:], start=1):
         downloads += [

@@ -250,6 +250,8 @@ def write_result_files(job_dir: Path, k: int, *, extremal: bool = False,
         "perturbed.png": image_bytes("PNG", (16, 16), (shade, shade, 10)),
         "result.json": json.dumps({"k": k}).encode(),
     }
+    files["saliency.npy"] = b"\x93NUMPY saliency %d" % k
+    files["saliency.png"] = image_bytes("PNG", (16, 16), (shade, shade, shade))
     if gradcam:
         files["gradcam.npy"] = b"\x93NUMPY gradcam %d" % k
         files["gradcam.png"] = image_bytes("PNG", (16, 16), (shade, 10, shade))

@@ -6,8 +6,20 @@ while others run joins at the next step; a finished or cancelled job leaves
 without disturbing the others. Each job keeps its own iteration count, seed,
 config and progress callback; jobs whose ``input_size`` or ``precision``
 differs are stepped in separate groups (a bf16 job never turns its fp32
-neighbours' step into bf16). Results equal those of running each job alone
-(see ``shared.attribution.perturbation.step_batch``).
+neighbours' step into bf16).
+
+Reproducible under load (``EBB_REPRODUCIBLE=1``, the default): each
+Meaningful Perturbation group is stepped in a fixed layout of
+``layout_width`` samples (``EBB_LAYOUT_WIDTH``, default ``max_batch`` on a
+CPU, at most 8 on a GPU; more jobs fill further batches of that width),
+each job in the slot it got on admission and free slots zero-filled,
+so a job's mask and scores are bit-for-bit the same alone, beside any other
+jobs or submitted together, on the same device, precision, model and
+``max_batch`` (torch's CPU kernels give a sample different float rounding in
+batches of different sizes; the slot does not matter, measured, but is kept
+fixed anyway). The cost is the zero slots' work while the worker is not full
+(``benchmarks/reproducibility.py``). ``EBB_REPRODUCIBLE=0`` batches only the
+running jobs (equal to solo runs within float tolerance).
 
 On the CPU the engine puts the model's 4-D weights in ``channels_last`` memory
 format (oneDNN's native layout): measured 5-35% less time per step for VGG19
@@ -63,6 +75,35 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
+def wants_reproducible(environ: Any = None) -> bool:
+    """``EBB_REPRODUCIBLE``: ``1`` (default) steps every group in a fixed
+    batch layout (bit-for-bit results under any load), ``0`` in a batch of
+    just the running jobs (less work while the worker is not full)."""
+    env = os.environ if environ is None else environ
+    raw = str(env.get("EBB_REPRODUCIBLE") or "1").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ValueError(f"EBB_REPRODUCIBLE must be 1 or 0, got {raw!r}")
+
+
+def default_layout_width(max_batch: int, device: str, environ: Any = None) -> int:
+    """``EBB_LAYOUT_WIDTH``, else ``max_batch`` on a CPU and ``min(max_batch, 8)``
+    on a GPU (so one job alone does not pay for 64 padded samples)."""
+    env = os.environ if environ is None else environ
+    raw = str(env.get("EBB_LAYOUT_WIDTH") or "").strip()
+    if raw:
+        try:
+            width = int(raw)
+        except ValueError:
+            raise ValueError(f"EBB_LAYOUT_WIDTH must be a positive integer, got {raw!r}") from None
+        if width < 1:
+            raise ValueError(f"EBB_LAYOUT_WIDTH must be a positive integer, got {raw!r}")
+        return min(width, max_batch)
+    return max_batch if not str(device).startswith("cuda") else min(max_batch, 8)
+
+
 def wants_channels_last(classifier: Classifier, environ: Any = None) -> bool:
     """``EBB_CHANNELS_LAST``: ``1``/``0``, or ``auto`` (default): on for a CPU
     model with 2-D convolutions (not measured on CUDA yet: off there)."""
@@ -116,9 +157,10 @@ def _group_key(run: Any) -> tuple:
     return ("extremal", run.input_size)
 
 
-def _step_group(classifier: Classifier, runs: list) -> None:
+def _step_group(classifier: Classifier, runs: list, width: int | None = None,
+                slots: list[int] | None = None) -> None:
     if isinstance(runs[0], MaskOptimisation):
-        step_batch(classifier, runs)
+        step_batch(classifier, runs, width=width, slots=slots)
     else:
         from shared.attribution.extremal import extremal_step_batch
 
@@ -133,6 +175,18 @@ class BatchEngine:
         max_batch: most jobs stepped together (>= 1).
         channels_last: convert the model's 4-D weights to ``channels_last``
             in place; ``None`` (default) = :func:`wants_channels_last`.
+        reproducible: step each Meaningful Perturbation group in a fixed
+            layout: always ``max_batch`` samples, each job in the slot it got
+            on admission (the lowest free one), the free slots zero-filled.
+            A job's arithmetic then never depends on its neighbours, so its
+            mask is bit-for-bit the same alone, beside other jobs or
+            submitted together (same device, precision, model and
+            ``max_batch``); on CUDA cuDNN's deterministic kernels are also
+            selected. ``None`` (default) = :func:`wants_reproducible`.
+        layout_width: samples per forward/backward in the fixed layout;
+            slot ``s`` is lane ``s % width`` of batch ``s // width``, so
+            more jobs than ``layout_width`` run as several fixed batches.
+            ``None`` (default) = :func:`default_layout_width`.
         on_batch: called on the engine thread after every batched step as
             ``on_batch(kind, runs, iterations)``: ``kind`` ``"mp"`` or
             ``"extremal"``, the runs stepped together and the mask-iterations
@@ -143,7 +197,8 @@ class BatchEngine:
     """
 
     def __init__(self, classifier: Classifier, max_batch: int = CPU_DEFAULT_BATCH,
-                 channels_last: bool | None = None,
+                 channels_last: bool | None = None, reproducible: bool | None = None,
+                 layout_width: int | None = None,
                  on_batch: Callable[[str, int, int], None] | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -154,6 +209,20 @@ class BatchEngine:
 
             classifier.module.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
+        if reproducible is None:
+            reproducible = wants_reproducible()
+        self.reproducible = bool(reproducible)
+        if self.reproducible and classifier.device.type == "cuda":
+            import torch
+
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+        if layout_width is None:
+            layout_width = default_layout_width(max_batch, str(classifier.device))
+        if layout_width < 1:
+            raise ValueError(f"layout_width must be at least 1, got {layout_width}")
+        self.layout_width = min(int(layout_width), max_batch)
+        self._slots: dict[int, int] = {}  # id(run) -> its slot in its group's layout
         self.classifier = classifier
         self.max_batch = max_batch
         self._pending: deque[_Pending] = deque()
@@ -255,6 +324,9 @@ class BatchEngine:
             except Exception as exc:  # bad job: fail it alone
                 job.future.set_exception(exc)
                 continue
+            key = _group_key(run)
+            used = {self._slots[id(r)] for r, _ in self._active if _group_key(r) == key}
+            self._slots[id(run)] = min(set(range(self.max_batch)) - used)
             self._active.append((run, job.future))
 
     def _retire(self) -> None:
@@ -263,6 +335,7 @@ class BatchEngine:
             if not run.done:
                 still.append((run, future))
                 continue
+            self._slots.pop(id(run), None)
             try:
                 future.set_result(_run_result(self.classifier, run))
             except Exception as exc:
@@ -309,13 +382,26 @@ class BatchEngine:
                 before = [r.iteration for r in runs]
                 started = time.perf_counter()
                 try:
-                    _step_group(self.classifier, runs)
+                    if self.reproducible and isinstance(runs[0], MaskOptimisation):
+                        w = self.layout_width
+                        lanes: dict[int, tuple[list, list[int]]] = {}
+                        for r in runs:
+                            slot = self._slots[id(r)]
+                            chunk = lanes.setdefault(slot // w, ([], []))
+                            chunk[0].append(r)
+                            chunk[1].append(slot % w)
+                        for _, (chunk_runs, chunk_slots) in sorted(lanes.items()):
+                            _step_group(self.classifier, chunk_runs, width=w, slots=chunk_slots)
+                    else:
+                        _step_group(self.classifier, runs)
                 except Exception as exc:  # e.g. out of memory: fail this group, keep serving
                     log.exception("batched step failed for %d job(s)", len(runs))
                     for run, future in items:
                         run.cancelled = True
                         future.set_exception(exc)
                     self._active = [a for a in self._active if a not in items]
+                    for run in runs:
+                        self._slots.pop(id(run), None)
                     continue
                 self.steps += 1
                 self.mask_iterations += len(runs)

@@ -19,7 +19,8 @@ primary first::
      "metrics": {"deletion_auc", "insertion_auc", "seconds",
                  "curves": {"fraction": [...], "deletion": [...], "insertion": [...]}} | null,
      "gradcam": {same keys as metrics} | null,
-     "areas": [{"area", "area_achieved", "score_after"}, ...] | null}   # extremal only
+     "areas": [{"area", "area_achieved", "score_after"}, ...] | null,   # extremal only
+     "warnings": [{"code", "message"}, ...]}   # shared.attribution.warnings
 
 and the artifacts of target k >= 1 are written to ``results/<k>/`` of the
 job's folder (target 0's at its top), all in one atomic rename.
@@ -190,6 +191,8 @@ class ProgressReporter:
     Writes at most every :data:`PROGRESS_INTERVAL_S` and on the last step; at
     each write reads ``cancel_requested``. Returns ``True`` (stop) when the
     job was cancelled, superseded, or the worker is shutting down.
+    ``values`` (extra columns to write, e.g. the live per-target state) is
+    only built when a write is due.
     """
 
     def __init__(self, session: Session, claim: Claim, stopping, interval_s: float | None = None):
@@ -202,13 +205,21 @@ class ProgressReporter:
         self.cancel_requested = False
         self.superseded = False
 
-    def __call__(self, iteration: int, total: int, losses: Mapping[str, float]) -> bool | None:
+    def due(self, iteration: int, total: int) -> bool:
+        """Whether a call with these numbers would write."""
+        return iteration >= total or time.monotonic() - self._last >= self.interval_s
+
+    def __call__(self, iteration: int, total: int, losses: Mapping[str, float],
+                 values: Callable[[], dict[str, Any]] | None = None) -> bool | None:
         now = time.monotonic()
         if iteration < total and now - self._last < self.interval_s:
             return None
         self._last = now
-        score = float(losses["score"])
         floor = self.claim.progress_floor
+        if values is not None:
+            extra = values()
+        else:
+            extra = {"current_score": float(losses["score"])}
 
         def write():
             result = self.session.execute(
@@ -217,8 +228,8 @@ class ProgressReporter:
                 .values(
                     progress_iteration=max(iteration, floor),
                     progress_total=total,
-                    current_score=score,
                     heartbeat_at=utcnow(),
+                    **extra,
                 )
             )
             cancel = self.session.execute(
@@ -244,27 +255,135 @@ class ProgressReporter:
         return None
 
 
+#: Seconds between two live previews of the primary target's mask.
+PREVIEW_INTERVAL_S = 2.0
+#: Longest side of the live preview in pixels.
+PREVIEW_SIZE = 256
+
+
+class PreviewWriter:
+    """Writes the live preview of a running job: the current saliency over the
+    image (inferno heatmap, alpha 0.5, longest side :data:`PREVIEW_SIZE`) as
+    ``previews/<job id>.png``, atomically, at most every :data:`PREVIEW_INTERVAL_S`."""
+
+    def __init__(self, storage, job_id: uuid.UUID, pixels):
+        from shared.imaging.render import _cv2
+
+        h, w = pixels.shape[:2]
+        scale = min(1.0, PREVIEW_SIZE / max(h, w))
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        self.image = pixels if scale == 1.0 else _cv2().resize(pixels, size, interpolation=_cv2().INTER_AREA)
+        self.path = storage.preview_path(job_id)
+        self._last = float("-inf")
+        self.writes = 0
+        self.seconds = 0.0
+
+    def maybe_write(self, saliency: Callable[[], Any] | None) -> None:
+        now = time.monotonic()
+        if saliency is None or now - self._last < PREVIEW_INTERVAL_S:
+            return
+        self._last = now
+        start = time.perf_counter()
+        try:
+            import numpy as np
+
+            from shared.imaging.render import encode_png, overlay
+            from shared.storage import atomic_write
+
+            data = encode_png(overlay(self.image, 1.0 - np.clip(saliency(), 0.0, 1.0)))
+            atomic_write(self.path, data)
+            self.writes += 1
+        except Exception as error:  # noqa: BLE001 - a preview is best effort
+            log.warning("live preview not written: %s", one_line(error))
+        self.seconds += time.perf_counter() - start
+
+    @staticmethod
+    def remove_for(storage, job_id: uuid.UUID) -> None:
+        try:
+            storage.preview_path(job_id).unlink(missing_ok=True)
+        except (OSError, ValueError):
+            pass
+
+
+#: The live (noise-free) score of a target is re-evaluated at most every this many seconds...
+LIVE_SCORE_INTERVAL_S = 1.0
+#: ...and at most this fraction of the time (one extra batch-1 forward pass each).
+LIVE_SCORE_BUDGET = 0.02
+
+
 class TargetsProgress:
-    """One ``on_step`` callback per target of a job, reporting their sum.
+    """One ``on_step`` callback per target of a job, reporting their sum and each.
 
     The job's progress is the iterations done over all its targets (a top-3
-    job of 500 iterations counts to 1500); once the reporter sees a cancel,
+    job of 500 iterations counts to 1500); ``Job.live`` holds each target's
+    own state (see :meth:`snapshot`). The live score is the target's
+    probability on the current mask *without* noise (``losses["live_score"]``,
+    an extra forward pass), re-evaluated when a progress write is due, at most
+    every :data:`LIVE_SCORE_INTERVAL_S` and :data:`LIVE_SCORE_BUDGET` of the
+    time, and always at a target's last step. Once the reporter sees a cancel,
     a superseded run or a stopping worker, every target stops at its next step.
     """
 
-    def __init__(self, reporter: ProgressReporter, totals: list[int]):
+    def __init__(self, reporter: ProgressReporter, totals: list[int], preview: PreviewWriter | None = None):
         self.reporter = reporter
+        self.preview = preview
         self.done = [0] * len(totals)
         self.totals = list(totals)
+        self.entries: list[dict[str, Any]] = [
+            {"index": None, "label": None, "iteration": 0, "total": t, "score": None,
+             "score_iteration": None, "score_before": None} for t in totals]
+        self._scored_at = [float("-inf")] * len(totals)
+        self._score_cost = [0.0] * len(totals)
+        self.live_seconds = 0.0  # time spent on live scores, for timings
 
     def stop_all(self) -> bool:
         r = self.reporter
         return r.cancel_requested or r.superseded or r.stopping.is_set()
 
+    def snapshot(self) -> dict[str, Any]:
+        """Columns to write: ``live`` (one entry per target, the primary first:
+        ``index``, ``label``, ``iteration``, ``total``, ``score`` (noise-free
+        probability at iteration ``score_iteration``), ``score_before``), and
+        the primary target's ``current_score``, ``target_index``,
+        ``target_label`` and ``score_before`` once known."""
+        first = self.entries[0]
+        values: dict[str, Any] = {"live": [dict(e) for e in self.entries]}
+        if first["score"] is not None:
+            values["current_score"] = first["score"]
+        if first["index"] is not None:
+            values.update(target_index=first["index"], target_label=(first["label"] or "")[:200],
+                          score_before=first["score_before"])
+        return values
+
+    def _live_score(self, index: int, iteration: int, total: int, losses: Mapping[str, float]) -> None:
+        if "live_score" not in losses:
+            return
+        now = time.monotonic()
+        since = now - self._scored_at[index]
+        last = iteration >= total
+        if not last and (since < LIVE_SCORE_INTERVAL_S or since * LIVE_SCORE_BUDGET < self._score_cost[index]):
+            return
+        start = time.perf_counter()
+        score = float(losses["live_score"])
+        self._score_cost[index] = time.perf_counter() - start
+        self.live_seconds += self._score_cost[index]
+        self._scored_at[index] = now
+        self.entries[index].update(score=score, score_iteration=iteration)
+
     def callback(self, index: int) -> Callable[[int, int, Mapping[str, float]], bool | None]:
         def on_step(iteration: int, total: int, losses: Mapping[str, float]) -> bool | None:
             self.done[index], self.totals[index] = iteration, total
-            stop = self.reporter(sum(self.done), sum(self.totals), losses)
+            entry = self.entries[index]
+            entry["iteration"], entry["total"] = iteration, total
+            if entry["index"] is None and getattr(losses, "target", None) is not None:
+                entry.update(index=int(losses.target), label=getattr(losses, "label", None),
+                             score_before=getattr(losses, "score_before", None))
+            done, totals = sum(self.done), sum(self.totals)
+            if self.reporter.due(done, totals) or iteration >= total:
+                self._live_score(index, iteration, total, losses)
+            if index == 0 and self.preview is not None:
+                self.preview.maybe_write(getattr(losses, "saliency", None))
+            stop = self.reporter(done, totals, losses, values=self.snapshot)
             return True if stop or self.stop_all() else None
 
         return on_step
@@ -381,6 +500,7 @@ def run_job(job_id: str | uuid.UUID, runtime, hostname: str | None = None,
         info["job_status"] = JobStatus.QUEUED.value
         return "requeued"
     session = session_factory(runtime.database_url)()
+    claim = None
     try:
         claim = _write(session, lambda: _claim(session, jid, runtime, hostname))
         if isinstance(claim, Skip):
@@ -422,6 +542,10 @@ def run_job(job_id: str | uuid.UUID, runtime, hostname: str | None = None,
         _ended(claim, JobStatus.FAILED.value, runtime, error=message)
         return "failed"
     finally:
+        if claim is not None:
+            # the live preview is for running jobs only (it outlives the optimisation,
+            # so the page shows the final mask while the job is being scored)
+            PreviewWriter.remove_for(runtime.storage, claim.job_id)
         session.close()
 
 
@@ -447,8 +571,10 @@ def _scores_json(scores) -> dict[str, Any] | None:
     return data
 
 
-def _result_entry(explanation, evaluation) -> dict[str, Any]:
+def _result_entry(explanation, evaluation, image_shape=None) -> dict[str, Any]:
     """One target's entry of ``Job.results`` (JSON; layout in the module docstring)."""
+    from shared.attribution.warnings import explanation_warnings
+
     areas = getattr(explanation, "area_summary", None)
     return {
         "target": {"index": explanation.target, "label": explanation.label[:200]},
@@ -461,6 +587,7 @@ def _result_entry(explanation, evaluation) -> dict[str, Any]:
             if evaluation is not None and evaluation.gradcam is not None else None
         ),
         "areas": areas() if callable(areas) else None,
+        "warnings": explanation_warnings(explanation, image_shape),
     }
 
 
@@ -482,7 +609,8 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
     config = _config(claim)
     reporter = ProgressReporter(session, claim, runtime.stopping)
     targets = _targets(claim, runtime, decoded.pixels, config)
-    progress = TargetsProgress(reporter, [config.iterations] * len(targets))
+    preview = PreviewWriter(runtime.storage, claim.job_id, decoded.pixels) if PREVIEW_INTERVAL_S > 0 else None
+    progress = TargetsProgress(reporter, [config.iterations] * len(targets), preview)
     optimising = time.perf_counter()
     explanations = runtime.optimise_many(
         decoded.pixels, targets, config, [progress.callback(i) for i in range(len(targets))]
@@ -523,7 +651,7 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
     timings["metrics_s"] = sum(ev.metrics.seconds for ev in found)
     timings["gradcam_s"] = sum(ev.gradcam_s for ev in found)
     timings["scoring_s"] = time.perf_counter() - scoring
-    results = [_result_entry(e, ev) for e, ev in zip(explanations, evaluations)]
+    results = [_result_entry(e, ev, decoded.pixels.shape) for e, ev in zip(explanations, evaluations)]
 
     from shared.imaging.render import save_artifacts
 
@@ -538,6 +666,9 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
         results=[{"explanation": e, **extras(e, ev)} for e, ev in zip(explanations[1:], evaluations[1:])],
     )
     timings["save_s"] = time.perf_counter() - saving
+    timings["live_score_s"] = progress.live_seconds
+    if preview is not None:
+        timings["preview_s"] = preview.seconds
     timings["total_s"] = time.perf_counter() - started
     ok = _finish(
         session,

@@ -47,15 +47,21 @@ class PerturbationConfig:
         l1_coeff: weight of ``mean|1 - mask|`` (sparsity; reference 0.01).
         tv_coeff: weight of the total-variation term (smoothness; reference 0.2).
         tv_beta: exponent of the TV term (reference 3).
-        noise_std: std of Gaussian noise added to the perturbed input in the
-            model's normalised space on every step (reference 0.2; 0 disables).
+        noise_std: std of the Gaussian noise added to the perturbed input on
+            every step, in units of ImageNet's per-channel std: pixel-space
+            noise of std ``noise_std * (0.229, 0.224, 0.225)`` (RGB in [0, 1])
+            whatever the model's normalisation. For an ImageNet-normalised
+            model (VGG19, the reference) that is ``noise_std`` in its input
+            space, as in the reference (0.2); EfficientNet-Lite0's
+            ``(x - 0.5) / 0.5`` gets ``noise_std * 0.458`` (R) in its space.
+            0 disables.
         blur: the perturbation's blurred copy: ``mean`` of a Gaussian (11x11,
             sigma 5) and a median (11) blur, as the reference README says, or
             ``gaussian`` / ``median`` alone (``median`` reproduces the
             reference code).
         input_size: side of the square image fed to the model (reference 224).
         seed: seed of the per-step noise; same inputs + seed give the same mask
-            on the CPU.
+            (bit-for-bit with the same device, precision and batch layout).
         precision: ``fp32`` (reference) or ``bf16`` autocast for the model's
             forward/backward (faster on CUDA and AVX-512-BF16 CPUs).
         game: ``deletion`` (reference): the smallest region whose removal

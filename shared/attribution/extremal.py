@@ -283,8 +283,15 @@ def _forward(classifier: Classifier, x: torch.Tensor) -> torch.Tensor:
 
 
 class _Losses(Mapping):
-    def __init__(self, values: dict[str, float]):
+    """One step's losses (means over areas) plus ``live_score``: the target's
+    probability on the largest area's mask at this step (no noise is added in
+    extremal perturbations, so this is the noise-free score). Attributes
+    ``target``, ``label`` and ``score_before`` describe the run."""
+
+    def __init__(self, values: dict[str, float], target: int | None = None, label: str | None = None,
+                 score_before: float | None = None):
         self._values = values
+        self.target, self.label, self.score_before = target, label, score_before
 
     def __getitem__(self, key: str) -> float:
         return self._values[key]
@@ -505,6 +512,8 @@ class ExtremalOptimisation:
         sign = 1.0 if self.game == "preservation" else -1.0  # maximise (preserve) or minimise (delete)
         lam = regulariser_weight(self.iteration, self.iterations, self.reg_start, self.reg_end)
         r = self.reward(logits)
+        largest = max(range(len(self.areas)), key=lambda i: self.areas[i])
+        self._live_prob = torch.softmax(logits.detach()[largest], dim=0)[self.target]
         reg = area_loss(mask, self.area_t)
         return -sign * r + lam * reg, r, reg, torch.full_like(reg, lam)
 
@@ -517,7 +526,12 @@ class ExtremalOptimisation:
             row = torch.stack([total.detach(), r.detach(), reg.detach(), lam], dim=1)
             self.history[self.iteration] = row
         self.iteration += 1
-        if self.on_step(self.iteration, self.iterations, _Losses(dict(zip(HISTORY_KEYS, row.mean(0).tolist())))):
+        values = dict(zip(HISTORY_KEYS, row.mean(0).tolist()))
+        live = getattr(self, "_live_prob", None)
+        if live is not None:
+            values["live_score"] = float(live)
+        losses = _Losses(values, self.target, self.label, float(self.probs[self.target]))
+        if self.on_step(self.iteration, self.iterations, losses):
             self.cancelled = True
 
     @torch.no_grad()

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .classifier import Classifier
+from .classifier import IMAGENET_STD, Classifier
 from .config import PerturbationConfig
 
 __all__ = [
@@ -60,6 +60,7 @@ __all__ = [
     "gaussian_blur",
     "l1_loss",
     "median_blur",
+    "noise_scale",
     "null_progress",
     "perturbation_baseline",
     "prepare_image",
@@ -71,7 +72,11 @@ __all__ = [
 LOSS_KEYS = ("total", "l1", "tv", "score")
 
 #: ``on_step(iteration, total, losses) -> bool | None``; ``iteration`` counts
-#: from 1, ``losses`` maps ``total``, ``l1``, ``tv`` and ``score`` to floats.
+#: from 1, ``losses`` maps ``total``, ``l1``, ``tv`` and ``score`` (this
+#: step's, on the noisy input) to floats, and ``live_score`` to the target's
+#: probability on the current mask without noise (one extra forward pass,
+#: computed only when read; in [0, 1]); its attributes ``target``, ``label``
+#: and ``score_before`` describe the run.
 #: Returning ``True`` asks the optimisation to stop; it stops after this step.
 OnStep = Callable[[int, int, Mapping[str, float]], "bool | None"]
 
@@ -383,22 +388,49 @@ class Explanation:
 
 
 class _LazyLosses(Mapping):
-    """Loss values of one step, read from the device only when accessed."""
+    """Loss values of one step, read from the device only when accessed.
 
-    def __init__(self, values: torch.Tensor):
+    Keys: ``total``, ``l1``, ``tv``, ``score`` (this step's, on the noisy
+    input) and ``live_score``: the target's probability on the current mask
+    (after this step) *without* noise, computed by one extra forward pass only
+    when read. Attributes ``target``, ``label`` and ``score_before`` describe
+    the run (known from its creation); ``saliency()`` returns the current
+    low-resolution saliency map.
+    """
+
+    KEYS = (*LOSS_KEYS, "live_score")
+
+    def __init__(self, values: torch.Tensor, live: Callable[[], float] | None = None,
+                 target: int | None = None, label: str | None = None, score_before: float | None = None,
+                 saliency: Callable[[], np.ndarray] | None = None):
         self._values = values
+        #: ``saliency()``: the current ``(h, w)`` float32 saliency in [0, 1]
+        #: (high = important), a copy; ``None`` when the run offers none.
+        self.saliency = saliency
         self._cache: list[float] | None = None
+        self._live = live
+        self._live_value: float | None = None
+        self.target, self.label, self.score_before = target, label, score_before
 
     def __getitem__(self, key: str) -> float:
+        if key == "live_score":
+            if self._live is None:
+                raise KeyError(key)
+            if self._live_value is None:
+                self._live_value = float(self._live())
+            return self._live_value
         if self._cache is None:
             self._cache = self._values.tolist()
         return self._cache[LOSS_KEYS.index(key)]
 
+    def __contains__(self, key: object) -> bool:  # without computing anything
+        return key in (self.KEYS if self._live is not None else LOSS_KEYS)
+
     def __iter__(self):
-        return iter(LOSS_KEYS)
+        return iter(self.KEYS if self._live is not None else LOSS_KEYS)
 
     def __len__(self) -> int:
-        return len(LOSS_KEYS)
+        return len(self.KEYS) if self._live is not None else len(LOSS_KEYS)
 
 
 def _top5(probs: torch.Tensor, classifier: Classifier) -> list[dict[str, Any]]:
@@ -477,6 +509,22 @@ def _probabilities(classifier: Classifier, x: torch.Tensor, precision: str) -> t
 # --------------------------------------------------------------------------- optimisation
 
 
+def noise_scale(classifier: Classifier, noise_std: float, device: torch.device | str = "cpu") -> "float | torch.Tensor":
+    """The per-step noise's std in ``classifier``'s normalised input space.
+
+    ``noise_std`` is in units of ImageNet's per-channel std (the reference's
+    space), so the pixel-space noise is ``noise_std * IMAGENET_STD`` for every
+    model. Returns the float ``noise_std`` itself for an ImageNet-normalised
+    model (bit-identical to the reference), else a ``(1, 3, 1, 1)`` float32
+    tensor ``noise_std * IMAGENET_STD / classifier.std``.
+    """
+    ratios = [a / b for a, b in zip(IMAGENET_STD, classifier.std)]
+    if all(r == 1.0 for r in ratios):
+        return float(noise_std)
+    return torch.tensor([noise_std * r for r in ratios], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+
+
 class MaskOptimisation:
     """The state of one job's optimisation: its mask, Adam, noise stream and history.
 
@@ -513,6 +561,7 @@ class MaskOptimisation:
         classifier = Classifier.wrap(model)
         self = cls()
         self.started = time.perf_counter()
+        self.classifier = classifier
         self.classifier_name = classifier.name
         self.config = config
         self.on_step = on_step or null_progress
@@ -524,6 +573,7 @@ class MaskOptimisation:
         self.blurred = perturbation_baseline(self.image, config.perturbation, config.blur, config.seed)
         self.image_n = classifier.normalise(self.image)
         self.blurred_n = classifier.normalise(self.blurred)
+        self.noise_scale = noise_scale(classifier, config.noise_std, self.device)
 
         with frozen(classifier.module):
             probs = _probabilities(classifier, self.image_n, config.precision)[0]
@@ -562,7 +612,7 @@ class MaskOptimisation:
         """The blended input in the model's normalised space, ``(1, 3, S, S)``."""
         x = blend(self.image_n, self.blurred_n, upsample_mask(self.mask, self.config.input_size))
         if noise and self.config.noise_std > 0:
-            x = x + self.config.noise_std * torch.randn(
+            x = x + self.noise_scale * torch.randn(
                 x.shape, generator=self.generator, device=self.device, dtype=x.dtype
             )
         return x
@@ -590,8 +640,27 @@ class MaskOptimisation:
             self.mask.clamp_(0, 1)
         self.history[self.iteration] = losses
         self.iteration += 1
-        if self.on_step(self.iteration, self.config.iterations, _LazyLosses(losses)):
+        lazy = _LazyLosses(losses, self.live_score, self.target, self.label, self.score_before,
+                           self.current_saliency)
+        if self.on_step(self.iteration, self.config.iterations, lazy):
             self.cancelled = True
+
+    @torch.no_grad()
+    def current_saliency(self) -> np.ndarray:
+        """The current mask as a saliency map: ``(h, w)`` float32 in [0, 1],
+        high = important (``1 - mask`` when deleting, ``mask`` when preserving)."""
+        mask = self.mask.detach()[0, 0].float().cpu().numpy().copy()
+        return mask if self.config.game == "preservation" else 1.0 - mask
+
+    @torch.no_grad()
+    def live_score(self) -> float:
+        """The target's probability in [0, 1] on the current mask without noise:
+        one forward pass of batch 1, the same computation as
+        :meth:`result`'s ``score_after`` (equal to it bit for bit at the last step)."""
+        classifier = self.classifier
+        with frozen(classifier.module):
+            probs = _probabilities(classifier, self.perturbed_input(noise=False), self.config.precision)[0]
+        return float(probs[self.target])
 
     @torch.no_grad()
     def result(self, model: Classifier | nn.Module) -> Explanation:
@@ -630,19 +699,47 @@ class MaskOptimisation:
         )
 
 
-def step_batch(model: Classifier | nn.Module, runs: Sequence[MaskOptimisation]) -> None:
+def step_batch(
+    model: Classifier | nn.Module,
+    runs: Sequence[MaskOptimisation],
+    *,
+    width: int | None = None,
+    slots: Sequence[int] | None = None,
+) -> None:
     """Advance every unfinished run by one step in one forward/backward batch.
 
     Runs may differ in config (coefficients, mask size, seed, iterations,
-    game, perturbation) but must share ``input_size``. Each run's mask, Adam state and noise stream are
-    its own, so each comes out as when run alone (within float tolerance).
+    game, perturbation) but must share ``input_size``. Each run's mask, Adam
+    state and noise stream (its own ``torch.Generator``) are its own.
+
+    Without ``width`` the batch holds exactly the unfinished runs, so a run's
+    arithmetic (and thus, through Adam, its mask) may differ at float level
+    with the batch size: kernels pick different blockings for different
+    batch sizes. With ``width`` every step uses a batch of exactly ``width``
+    samples, run ``i`` in slot ``slots[i]`` (default: its position in
+    ``runs``) and the free slots filled with zeros; a run's mask then comes
+    out bit-for-bit the same whoever shares the batch (checked on the CPU for
+    fp32 and bf16: ``tests/unit/test_reproducibility.py``).
+
+    Args:
+        model: the black box.
+        runs: the runs; finished ones are skipped.
+        width: fixed batch size (>= the number of unfinished runs), or ``None``.
+        slots: one distinct slot in ``[0, width)`` per run of ``runs``.
     """
-    active = [r for r in runs if not r.done]
-    if not active:
+    if slots is not None and len(slots) != len(runs):
+        raise ValueError("slots must have one entry per run")
+    placed = [(r, (slots[i] if slots is not None else i)) for i, r in enumerate(runs) if not r.done]
+    if not placed:
         return
+    active = [r for r, _ in placed]
     sizes = {r.config.input_size for r in active}
     if len(sizes) != 1:
         raise ValueError(f"runs in one batch must share input_size, got {sorted(sizes)}")
+    if width is not None:
+        taken = [s for _, s in placed]
+        if len(set(taken)) != len(taken) or any(not 0 <= s < width for s in taken):
+            raise ValueError(f"slots must be distinct and in [0, {width}), got {taken}")
     now = time.perf_counter()
     for r in active:
         if r.first_step_at is None:
@@ -650,10 +747,20 @@ def step_batch(model: Classifier | nn.Module, runs: Sequence[MaskOptimisation]) 
     classifier = Classifier.wrap(model)
     precision = "bf16" if any(r.config.precision == "bf16" for r in active) else "fp32"
     with frozen(classifier.module), torch.enable_grad():
-        x = torch.cat([r.perturbed_input(noise=True) for r in active])
+        inputs = [r.perturbed_input(noise=True) for r in active]
+        if width is None:
+            x = torch.cat(inputs)
+            index = list(range(len(active)))
+        else:
+            filler = torch.zeros_like(inputs[0])
+            layout: list[torch.Tensor] = [filler] * width
+            for (_, slot), xi in zip(placed, inputs):
+                layout[slot] = xi
+            x = torch.cat(layout)
+            index = [slot for _, slot in placed]
         probs = _probabilities(classifier, x, precision)
         targets = torch.tensor([r.target for r in active], device=x.device)
-        scores = probs.gather(1, targets[:, None])[:, 0]
+        scores = probs[index].gather(1, targets[:, None])[:, 0]
         totals = []
         rows = []
         for i, r in enumerate(active):

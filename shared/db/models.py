@@ -71,6 +71,10 @@ class Job(Base):
     # deletion/insertion metrics, Grad-CAM baseline and extremal areas; see
     # ``worker.jobs`` for the layout.
     results: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+    # Written by the worker while it runs: one entry per target, the primary
+    # first: {"index", "label", "iteration", "total", "score", "score_iteration",
+    # "score_before"}; see ``worker.jobs.TargetsProgress``.
+    live: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
 

@@ -38,6 +38,7 @@ __all__ = [
     "HEATMAP_COLORMAP",
     "mask_to_png_array",
     "overlay",
+    "saliency_at",
     "saliency_heatmap",
     "save_artifacts",
     "thumbnail_png",
@@ -56,11 +57,15 @@ ARTIFACT_NAMES = {
 
 #: Optional artifacts, written when the job computed them (same contract):
 #: the Grad-CAM baseline's map (``(S, S)`` float32 in [0, 1]) and its overlay
-#: on the image, and for extremal jobs one overlay per target area, side by side.
+#: on the image, for extremal jobs one overlay per target area, side by side,
+#: and (every job since they were added) the saliency map at the original
+#: image's ``(H, W)``, float32 in [0, 1] with 1 = salient, and its heatmap.
 EXTRA_ARTIFACT_NAMES = {
     "gradcam_npy": "gradcam.npy",
     "gradcam_png": "gradcam.png",
     "areas_png": "areas.png",
+    "saliency_npy": "saliency.npy",
+    "saliency_png": "saliency.png",
 }
 #: Sub-folder of a job's folder holding the artifacts of its k-th target
 #: (k >= 1): ``results/<k>/``; the first target's are at the top.
@@ -237,7 +242,10 @@ def save_artifacts(
     * ``result.json`` -- ``explanation.to_json()`` plus ``"artifacts"``,
       the list of the file names written (these six, then the extras).
 
-    Optional extras (:data:`EXTRA_ARTIFACT_NAMES`): with ``gradcam`` (an
+    Always, also ``saliency.npy`` -- the saliency (1 = salient: ``1 - mask``
+    when deleting, the mask when preserving) at ``image``'s ``(H, W)``,
+    float32 in [0, 1] (:func:`saliency_at`), and ``saliency.png``, its
+    heatmap at that size. Optional extras (:data:`EXTRA_ARTIFACT_NAMES`): with ``gradcam`` (an
     ``(S, S)`` float map in [0, 1], high = important) ``gradcam.npy`` and
     ``gradcam.png`` (its overlay on ``image``); with ``area_masks`` (one
     ``(S, S)`` float mask in [0, 1] per extremal area) ``areas.png``, their
@@ -304,6 +312,17 @@ def save_artifacts(
     return {key: out_dir / name for key, name in names.items() if name in sets[0]}
 
 
+def saliency_at(size: tuple[int, int], saliency: np.ndarray) -> np.ndarray:
+    """``saliency`` (any ``(h, w)``, [0, 1], 1 = salient) resized bilinearly
+    to ``size`` = ``(H, W)`` (half-pixel centres, as :func:`overlay`);
+    ``(H, W)`` float32 in [0, 1]."""
+    m = _check_mask(saliency, "saliency")
+    height, width = int(size[0]), int(size[1])
+    if m.shape != (height, width):
+        m = np.clip(_cv2().resize(m, (width, height), interpolation=_cv2().INTER_LINEAR), 0.0, 1.0)
+    return np.asarray(m, dtype=np.float32)
+
+
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.asarray(array, dtype=np.float32), allow_pickle=False)
@@ -330,6 +349,9 @@ def _render_set(img: np.ndarray, explanation: Any, gradcam: Any, area_masks: Any
         ARTIFACT_NAMES["perturbed_png"]: encode_png(perturbed),
     }
     extras: dict[str, bytes] = {}
+    sal = saliency_at(img.shape[:2], 1.0 - shown)
+    extras[EXTRA_ARTIFACT_NAMES["saliency_npy"]] = _npy_bytes(sal)
+    extras[EXTRA_ARTIFACT_NAMES["saliency_png"]] = encode_png(saliency_heatmap(1.0 - sal))
     if gradcam is not None:
         cam = _check_mask(gradcam, "gradcam")
         # Grad-CAM is high where it matters; overlay() draws a mask (low = important).

@@ -90,8 +90,9 @@ def test_upload_watch_progress_and_see_results(e2e_stack, page, flute_image, sho
     after = page.inner_text("#score-after")
     assert float(before) > float(after), (before, after)
     assert page.locator(".chart .bar-row").count() >= 2
-    # Six result files, the Grad-CAM map and overlay, and job.json.
-    assert page.locator(".downloads a").count() == 9
+    # Six result files, the saliency at the original size (npy, png), the
+    # Grad-CAM map and overlay, and job.json.
+    assert page.locator(".downloads a").count() == 11
 
     # The faithfulness card: Grad-CAM next to the mask, both curves drawn.
     _assert_result_card(page, 0, gradcam=True)
@@ -254,3 +255,86 @@ def test_bad_number_shows_error_next_to_field(e2e_stack, page, flute_image):
     page.click("#submit")
     page.locator(".field.has-error #iterations").wait_for()
     assert "iterations must be between" in page.inner_text(".field.has-error .field-error")
+
+
+_PREVIEW_SIGNATURE = """() => {
+  const img = document.getElementById('live-preview');
+  if (!img || !img.complete || !img.naturalWidth || !img.src.includes('preview_png')) return null;
+  const c = document.createElement('canvas');
+  c.width = img.naturalWidth; c.height = img.naturalHeight;
+  const ctx = c.getContext('2d');
+  ctx.drawImage(img, 0, 0);
+  const d = ctx.getImageData(0, 0, c.width, c.height).data;
+  let s = 0;
+  for (let i = 0; i < d.length; i += 7) s = (s * 31 + d[i]) % 1000000007;
+  return {sig: s, iteration: Number(img.dataset.iteration || 0)};
+}"""
+
+
+def _wait_status(page, job_id, e2e_stack, on_poll=None) -> str:
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    status = None
+    from playwright.sync_api import Error as PlaywrightError
+
+    while time.monotonic() < deadline:
+        try:
+            status = page.evaluate("() => document.getElementById('job').dataset.status")
+            if on_poll is not None and status == "running":
+                on_poll()
+        except PlaywrightError:  # reloading right now
+            time.sleep(0.1)
+            continue
+        if status in ("succeeded", "failed", "cancelled"):
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} still {status}\n{e2e_stack.worker_tail()}")
+
+
+def test_live_mask_changes_and_weak_result_warns(e2e_stack, page, flute_image, shots, tmp_path):
+    """While the job runs the page shows the current mask over the image and it
+    changes; a 1×1 image's result carries its warnings."""
+    page.goto(e2e_stack.base_url + "/")
+    page.set_input_files("#image", str(flute_image))
+    page.fill("#target", "")
+    page.fill("#iterations", "200")
+    page.click("#submit")
+    page.wait_for_url(re.compile(r"/jobs/[0-9a-f-]{36}$"))
+    job_id = page.url.rsplit("/", 1)[1]
+    seen: dict[int, int] = {}
+    shot = {"taken": False}
+
+    def look():
+        got = page.evaluate(_PREVIEW_SIGNATURE)
+        if got is None:
+            return
+        seen.setdefault(got["sig"], got["iteration"])
+        if len(seen) >= 2 and not shot["taken"]:
+            assert "no noise" in page.inner_text(".stats").lower()
+            page.screenshot(path=str(shots / "screenshot-live-mask.png"), full_page=True)
+            shot["taken"] = True
+
+    status = _wait_status(page, job_id, e2e_stack, look)
+    assert status == "succeeded", e2e_stack.worker_tail()
+    assert len(seen) >= 2, f"the live mask never changed: {seen}"
+    assert not page.request.get(f"{e2e_stack.base_url}/api/v1/jobs/{job_id}").json()["artifacts"]["preview_png"]
+
+    from PIL import Image
+
+    black = tmp_path / "black.png"
+    Image.new("RGB", (1, 1)).save(black)
+    page.goto(e2e_stack.base_url + "/")
+    page.set_input_files("#image", str(black))
+    page.fill("#target", "")
+    page.fill("#iterations", "20")
+    page.click("#submit")
+    page.wait_for_url(re.compile(r"/jobs/[0-9a-f-]{36}$"))
+    weak_id = page.url.rsplit("/", 1)[1]
+    assert _wait_status(page, weak_id, e2e_stack) == "succeeded", e2e_stack.worker_tail()
+    page.wait_for_selector("#warnings li.warning")
+    codes = page.eval_on_selector_all("#warnings li.warning", "els => els.map(e => e.dataset.code)")
+    assert "small_input" in codes and "mask_unchanged" in codes, codes
+    assert page.locator("#colour-scale").is_visible()
+    page.screenshot(path=str(shots / "screenshot-warnings.png"), full_page=True)
+    body = _assert_api_matches_schema(page, e2e_stack.base_url, weak_id, results=1)
+    assert [w["code"] for w in body["warnings"]] == codes
+    assert _csp_problems(page) == []

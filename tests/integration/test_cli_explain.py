@@ -12,7 +12,8 @@ from PIL import Image
 
 pytestmark = [pytest.mark.realmodel]
 
-EXPECTED = {"mask.npy", "mask.png", "heatmap.png", "overlay.png", "perturbed.png", "result.json"}
+EXPECTED = {"mask.npy", "mask.png", "heatmap.png", "overlay.png", "perturbed.png", "result.json",
+            "saliency.npy", "saliency.png"}
 
 
 def _ebb(*args, cwd):

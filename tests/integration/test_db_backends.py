@@ -89,8 +89,8 @@ def test_migration_0002_keeps_existing_jobs(tmp_path, backend, request):
             {"id": job_id.hex if backend == "sqlite" else str(job_id), "sha": "0" * 64,
              "now": "2026-01-01 00:00:00"})
     engine.dispose()
-    assert upgrade_database(url, force=True) == "0002"
+    assert upgrade_database(url, force=True) == "0003"
     with session_scope(url) as session:
         job = session.get(Job, job_id)
         assert job is not None and job.status == "succeeded" and job.progress_total == 5
-        assert job.results is None and job.targets is None and job.top_k is None
+        assert job.results is None and job.targets is None and job.top_k is None and job.live is None

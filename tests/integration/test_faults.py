@@ -83,13 +83,14 @@ def running_with_progress(stack: Stack, job_id: uuid.UUID, timeout: float = 90.0
 
 
 def assert_artifacts_complete(stack: Stack, job_id: uuid.UUID) -> None:
-    """Exactly the six artifacts and the Grad-CAM baseline in the job's folder;
+    """Exactly the six artifacts, the saliency and the Grad-CAM baseline in the job's folder;
     no temporary folder beside it."""
     from shared.imaging.render import ARTIFACT_NAMES, EXTRA_ARTIFACT_NAMES
 
     storage = stack.storage
     folder = storage.job_dir(job_id)
-    expected = [*ARTIFACT_NAMES.values(), EXTRA_ARTIFACT_NAMES["gradcam_npy"], EXTRA_ARTIFACT_NAMES["gradcam_png"]]
+    expected = [*ARTIFACT_NAMES.values(), EXTRA_ARTIFACT_NAMES["gradcam_npy"], EXTRA_ARTIFACT_NAMES["gradcam_png"],
+                EXTRA_ARTIFACT_NAMES["saliency_npy"], EXTRA_ARTIFACT_NAMES["saliency_png"]]
     assert sorted(p.name for p in folder.iterdir()) == sorted(expected), folder
     assert all(p.stat().st_size > 0 for p in folder.iterdir())
     leftovers = [p.name for p in storage.jobs_dir.iterdir() if p.name.startswith(".")]

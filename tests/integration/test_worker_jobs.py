@@ -147,3 +147,95 @@ def test_extremal_job_on_the_real_worker(stack, image_bytes):
     assert [a["area"] for a in entry["areas"]] == [0.05, 0.2]
     assert entry["metrics"]["insertion_auc"] >= 0
     assert (stack.storage.job_dir(job_id) / "areas.png").is_file()
+
+
+def test_same_seed_same_mask_alone_together_and_beside_others(stack, image_bytes):
+    """Bit-for-bit: one job alone, two identical jobs at once, and the job
+    joining a batch where an unrelated job already runs (the worker's
+    EBB_MAX_BATCH is 2)."""
+    cfg = {"iterations": 20, "seed": 77}
+    masks = []
+    alone = stack.submit(image_bytes, config=cfg)
+    assert stack.wait(alone).status == "succeeded"
+    masks.append(np.load(stack.storage.artifact_path(alone, "mask_npy")))
+
+    pair = [stack.submit(image_bytes, config=cfg) for _ in range(2)]
+    for job_id in pair:
+        assert stack.wait(job_id).status == "succeeded"
+        masks.append(np.load(stack.storage.artifact_path(job_id, "mask_npy")))
+
+    other = stack.submit(image_bytes, config={"iterations": 400, "seed": 5, "l1_coeff": 0.05}, target=3)
+    wait_for(lambda: stack.job(other).progress_iteration > 0, timeout=60, interval=0.05,
+             what="the unrelated job to run")
+    beside = stack.submit(image_bytes, config=cfg)
+    job = stack.wait(beside)
+    assert job.status == "succeeded", job.error
+    assert stack.job(other).status == "running"  # it really ran beside the other job
+    masks.append(np.load(stack.storage.artifact_path(beside, "mask_npy")))
+    stack.request_cancel(other)
+    stack.wait(other)
+
+    for mask in masks[1:]:
+        assert np.array_equal(mask, masks[0])
+    scores = {stack.job(j).score_after for j in (alone, *pair, beside)}
+    assert len(scores) == 1
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_weak_explanations_carry_warnings(stack, image_bytes):
+    """A 1×1 black image, and the puppies-style failure (noise alone kills the
+    score, so the mask never moves and the score after is not lower)."""
+    tiny = stack.submit(_png(np.zeros((1, 1, 3), np.uint8)), config={"iterations": 20})
+    noisy = stack.submit(image_bytes, config={"iterations": 30, "noise_std": 10.0}, target=558)
+    job = stack.wait(tiny)
+    assert job.status == "succeeded", job.error
+    codes = [w["code"] for w in job.results[0]["warnings"]]
+    assert codes == ["low_confidence", "score_not_halved", "mask_unchanged", "small_input"], codes
+    job = stack.wait(noisy)
+    assert job.status == "succeeded", job.error
+    codes = [w["code"] for w in job.results[0]["warnings"]]
+    assert codes == ["score_not_halved", "mask_unchanged"], (codes, job.score_before, job.score_after)
+    assert "noise_std" in job.results[0]["warnings"][1]["message"]
+
+
+def test_saliency_artifacts_at_the_original_size(stack, image_bytes):
+    from PIL import Image
+    import io
+
+    job_id = stack.submit(image_bytes)
+    assert stack.wait(job_id).status == "succeeded"
+    width, height = Image.open(io.BytesIO(image_bytes)).size
+    folder = stack.storage.job_dir(job_id)
+    saliency = np.load(folder / "saliency.npy")
+    assert saliency.shape == (height, width) and saliency.dtype == np.float32
+    assert 0 <= saliency.min() and saliency.max() <= 1 and saliency.max() > 0
+    assert Image.open(folder / "saliency.png").size == (width, height)
+    mask = np.load(folder / "mask.npy")  # 1 = keep: the saliency is high where the mask is low
+    assert saliency.mean() == pytest.approx(1 - mask.mean(), abs=0.05)
+
+
+def test_target_score_before_and_live_state_while_running(stack, image_bytes):
+    job_id = stack.submit(image_bytes, config={"iterations": 400})
+    job = wait_for(lambda: (j := stack.job(job_id)).status == "running" and j.live
+                   and j.live[0].get("score") is not None and j,
+                   timeout=60, interval=0.05, what="the job's first live score")
+    assert isinstance(job.target_index, int) and job.target_label  # the top-1, known early
+    assert 0 < job.score_before <= 1 and job.score_after is None
+    [entry] = job.live
+    assert entry["index"] == job.target_index and entry["score_before"] == job.score_before
+    assert 0 <= entry["score"] <= 1 and entry["total"] == 400 and entry["score_iteration"] >= 1
+    assert job.current_score == entry["score"]
+    wait_for(lambda: stack.storage.preview_path(job_id).is_file(), timeout=30, interval=0.05,
+             what="the live preview")
+    stack.request_cancel(job_id)
+    assert stack.wait(job_id).status == "cancelled"
+    assert not stack.storage.preview_path(job_id).exists()

@@ -194,7 +194,7 @@ def test_cancel_and_progress(tiny, images):
 
     out = extremal(tiny, images[0], 2, areas=(0.1, 0.2), on_step=on_step, **FAST)
     assert [c[0] for c in calls] == [1, 2, 3] and calls[0][1] == 40
-    assert calls[0][2] == {"total", "score", "area_loss", "lambda"}
+    assert calls[0][2] == {"total", "score", "area_loss", "lambda", "live_score"}
     assert all(r.cancelled and r.iterations_run == 3 and len(r.history["total"]) == 3 for r in out)
 
 

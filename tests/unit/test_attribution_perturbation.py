@@ -266,3 +266,23 @@ def test_median_blur_pure_torch_path_matches_opencv(noise_image, monkeypatch):
     ours = median_blur(_to_tensor(noise_image), 11)[0].permute(1, 2, 0).numpy()
     ref = cv2.medianBlur(noise_image, 11).astype(np.float32) / 255
     assert np.array_equal(ours, ref)
+
+
+def test_noise_std_is_the_same_pixel_noise_for_every_normalisation(tiny, images):
+    """noise_std is in ImageNet-std units: a (x - 0.5) / 0.5 model gets the same
+    pixel-space noise as an ImageNet-normalised one, which keeps the reference's."""
+    from shared.attribution.classifier import IMAGENET_STD, Classifier
+    from shared.attribution.perturbation import MaskOptimisation, noise_scale
+
+    half = Classifier(module=tiny.module, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), labels=tiny.labels)
+    cfg = PerturbationConfig(iterations=1, input_size=64, mask_size=8, noise_std=0.3, seed=4)
+    assert noise_scale(tiny, 0.3) == 0.3  # ImageNet normalisation: the reference, unchanged
+    pixel_noise = []
+    for clf in (tiny, half):
+        run = MaskOptimisation.create(clf, images[0], 1, cfg)
+        std = torch.tensor(clf.std).view(1, 3, 1, 1)
+        pixel_noise.append((run.perturbed_input(noise=True) - run.perturbed_input(noise=False)) * std)
+    torch.testing.assert_close(pixel_noise[0], pixel_noise[1], atol=1e-5, rtol=1e-4)
+    measured = pixel_noise[1].std(dim=(0, 2, 3))
+    expected = 0.3 * torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(measured, expected, rtol=0.05, atol=0)

@@ -89,8 +89,8 @@ def test_progress_writes_are_throttled(runtime, monkeypatch):
     writes = []
     original = jobs.ProgressReporter.__call__
 
-    def spy(self, iteration, total, losses):
-        result = original(self, iteration, total, losses)
+    def spy(self, iteration, total, losses, **kwargs):
+        result = original(self, iteration, total, losses, **kwargs)
         writes.append(self.writes)
         return result
 
@@ -422,3 +422,96 @@ def test_cancel_stops_every_target(runtime, monkeypatch):
     job = get(runtime, job_id)
     assert job.status == "cancelled" and job.timings["iterations_run"] < 20
     assert not runtime.storage.job_dir(job_id).exists()
+
+
+def test_live_state_while_running(runtime, monkeypatch):
+    """target, score_before and per-target live progress and noise-free scores
+    are in the row while the job runs; the live score is the noise-free score."""
+    monkeypatch.setattr(jobs, "PROGRESS_INTERVAL_S", 0.0)
+    monkeypatch.setattr(jobs, "LIVE_SCORE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(jobs, "LIVE_SCORE_BUDGET", 1.0)
+    job_id = add_job(runtime, config=CONFIG.replace(iterations=8, noise_std=0.5), targets=[2, 5])
+    original = runtime.optimise_many
+    seen = []
+
+    def optimise(pixels, targets, config, on_steps):
+        def wrap(k, on_step):
+            def step(iteration, total, losses):
+                stop = on_step(iteration, total, losses)
+                if k == 1 and iteration == 4:
+                    job = get(runtime, job_id)
+                    seen.append((job.status, job.target_index, job.target_label, job.score_before,
+                                 job.current_score, [dict(e) for e in job.live], losses["live_score"]))
+                return stop
+            return step
+        return original(pixels, targets, config, [wrap(k, cb) for k, cb in enumerate(on_steps)])
+
+    runtime.optimise_many = optimise
+    assert run_job(job_id, runtime) == "succeeded"
+    status, index, label, before, current, live, live_score = seen[0]
+    assert status == "running" and index == 2 and label == "c2" and 0 < before < 1
+    assert [e["index"] for e in live] == [2, 5] and [e["label"] for e in live] == ["c2", "c5"]
+    assert [e["total"] for e in live] == [8, 8] and live[1]["iteration"] == 4
+    assert live[1]["score"] == live_score and live[1]["score_iteration"] == 4
+    assert current == live[0]["score"] and live[0]["score_before"] == before
+    job = get(runtime, job_id)
+    assert [e["score"] for e in job.live] == [r["scores"]["after"] for r in job.results]  # last step
+    assert job.timings["live_score_s"] >= 0
+
+
+def test_results_carry_warnings(runtime):
+    black = io.BytesIO()
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(black, format="PNG")
+    job_id = add_job(runtime, image=black.getvalue(), config=CONFIG.replace(iterations=2, learning_rate=0.001),
+                     target_index=7)
+    assert run_job(job_id, runtime) == "succeeded"
+    warnings = get(runtime, job_id).results[0]["warnings"]
+    codes = [w["code"] for w in warnings]
+    assert "small_input" in codes and "mask_unchanged" in codes and "score_not_halved" in codes
+    assert all(isinstance(w["message"], str) and w["message"] for w in warnings)
+
+
+def test_live_preview_written_while_running_then_removed(runtime, monkeypatch):
+    monkeypatch.setattr(jobs, "PREVIEW_INTERVAL_S", 1e-9)
+    job_id = add_job(runtime, config=CONFIG.replace(iterations=6))
+    path = runtime.storage.preview_path(job_id)
+    original = runtime.optimise_many
+    seen = []
+
+    def optimise(pixels, targets, config, on_steps):
+        def step(iteration, total, losses):
+            stop = on_steps[0](iteration, total, losses)
+            seen.append(np.asarray(Image.open(path)).copy())
+            return stop
+        return original(pixels, targets, config, [step])
+
+    runtime.optimise_many = optimise
+    assert run_job(job_id, runtime) == "succeeded"
+    assert len(seen) == 6 and seen[0].shape == (48, 40, 3)  # the image's size (under 256 px)
+    assert not np.array_equal(seen[0], seen[-1])  # the mask moved
+    assert not path.exists()
+    assert get(runtime, job_id).timings["preview_s"] > 0
+
+
+def test_extremal_live_score_is_a_probability(runtime, monkeypatch):
+    monkeypatch.setattr(jobs, "PROGRESS_INTERVAL_S", 0.0)
+    monkeypatch.setattr(jobs, "LIVE_SCORE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(jobs, "LIVE_SCORE_BUDGET", 1.0)
+    job_id = add_job(runtime, config=CONFIG.replace(method="extremal", game="preservation", iterations=5,
+                                                    areas=(0.1, 0.3)))
+    original = runtime.optimise_many
+    seen = []
+
+    def optimise(pixels, targets, config, on_steps):
+        def step(iteration, total, losses):
+            stop = on_steps[0](iteration, total, losses)
+            job = get(runtime, job_id)
+            seen.append((job.current_score, job.live[0]["score"], losses["score"], job.score_before))
+            return stop
+        return original(pixels, targets, config, [step])
+
+    runtime.optimise_many = optimise
+    assert run_job(job_id, runtime) == "succeeded"
+    for current, live, reward, before in seen:
+        assert current == live and 0 <= live <= 1 and 0 < before <= 1
+    assert any(live != reward for _, live, reward, _ in seen)  # not the raw logit

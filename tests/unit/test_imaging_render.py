@@ -227,16 +227,21 @@ def test_artifact_names_contract():
     }
 
 
+#: Written for every explanation besides ARTIFACT_NAMES (extras since they were added).
+SALIENCY = {"saliency_npy": "saliency.npy", "saliency_png": "saliency.png"}
+ALWAYS = [*ARTIFACT_NAMES.values(), *SALIENCY.values()]
+
+
 def test_save_artifacts_writes_all_files(tmp_path):
     out_dir = tmp_path / "jobs" / "job-1"
     img = original(30, 50)
     expl = fake_explanation(m=7, s=32)
     paths = save_artifacts(out_dir, img, expl)
 
-    assert set(paths) == set(ARTIFACT_NAMES)
+    assert set(paths) == set(ARTIFACT_NAMES) | set(SALIENCY)
     for key, path in paths.items():
-        assert path == out_dir / ARTIFACT_NAMES[key] and path.is_file()
-    assert sorted(os.listdir(out_dir)) == sorted(ARTIFACT_NAMES.values())
+        assert path == out_dir / {**ARTIFACT_NAMES, **SALIENCY}[key] and path.is_file()
+    assert sorted(os.listdir(out_dir)) == sorted(ALWAYS)
     assert os.listdir(out_dir.parent) == ["job-1"]  # no temporary directory left
 
     mask = np.load(paths["mask_npy"])
@@ -254,7 +259,16 @@ def test_save_artifacts_writes_all_files(tmp_path):
     np.testing.assert_array_equal(read_png(paths["perturbed_png"]), expl.perturbed)
 
     result = json.loads(paths["result_json"].read_text())
-    assert result["artifacts"] == list(ARTIFACT_NAMES.values())
+    assert result["artifacts"] == ALWAYS
+
+    # the saliency at the original size: 1 = salient (1 - mask when deleting)
+    sal = np.load(paths["saliency_npy"])
+    assert sal.dtype == np.float32 and sal.shape == (30, 50)
+    assert sal.min() >= 0 and sal.max() <= 1
+    np.testing.assert_allclose(sal, 1 - np.clip(render._cv2().resize(
+        expl.mask_upsampled, (50, 30), interpolation=render._cv2().INTER_LINEAR), 0, 1), atol=1e-6)
+    assert read_png(paths["saliency_png"]).shape == (30, 50, 3)
+    np.testing.assert_array_equal(read_png(paths["saliency_png"]), saliency_heatmap(1 - sal))
     assert result["target"] == 3 and result["label"] == "class 3"
     assert result["config"]["mask_size"] == 7
     assert result["top5_before"][0] == {"index": 0, "label": "class 0", "prob": 0.5}
@@ -268,7 +282,7 @@ def test_save_artifacts_replaces_existing_dir(tmp_path):
     save_artifacts(out_dir, original(), fake_explanation(seed=0))
     first = np.load(out_dir / "mask.npy")
     save_artifacts(out_dir, original(), fake_explanation(seed=5))
-    assert sorted(os.listdir(out_dir)) == sorted(ARTIFACT_NAMES.values())
+    assert sorted(os.listdir(out_dir)) == sorted(ALWAYS)
     assert not np.array_equal(np.load(out_dir / "mask.npy"), first)
     assert os.listdir(tmp_path) == ["job"]
 
@@ -277,7 +291,7 @@ def test_save_artifacts_into_existing_empty_dir(tmp_path):
     out_dir = tmp_path / "job"
     out_dir.mkdir()
     save_artifacts(str(out_dir), original(), fake_explanation())
-    assert sorted(os.listdir(out_dir)) == sorted(ARTIFACT_NAMES.values())
+    assert sorted(os.listdir(out_dir)) == sorted(ALWAYS)
 
 
 def test_save_artifacts_bad_json_leaves_nothing(tmp_path):
@@ -341,7 +355,7 @@ def test_save_artifacts_extras_and_other_targets(tmp_path):
     assert strip.shape == (224, 2 * 224 + 4, 3)
     assert (strip[:, 224:228] == 255).all()  # the white gap between the tiles
     sub = out_dir / render.RESULTS_SUBDIR / "1"
-    assert sorted(os.listdir(sub)) == sorted([*ARTIFACT_NAMES.values(), "gradcam.npy", "gradcam.png"])
+    assert sorted(os.listdir(sub)) == sorted([*ALWAYS, "gradcam.npy", "gradcam.png"])
     assert json.loads((sub / "result.json").read_text())["target"] == 5
     assert json.loads((out_dir / "result.json").read_text())["artifacts"][-3:] == [
         "gradcam.npy", "gradcam.png", "areas.png"]

@@ -512,7 +512,8 @@ def test_get_job_contract(app, client):
     assert set(body["image"]) == {"sha256", "width", "height", "filename"}
     assert set(body["artifacts"]) == {"mask_npy", "mask_png", "heatmap_png", "overlay_png",
                                       "perturbed_png", "result_json", "gradcam_npy",
-                                      "gradcam_png", "areas_png"}
+                                      "gradcam_png", "areas_png", "saliency_npy", "saliency_png",
+                                      "preview_png"}
     assert all(v is None for v in body["artifacts"].values())
     assert body["metrics"] is None and body["results"] == []
     assert body["targets"] is None and body["top_k"] == 1
@@ -607,7 +608,7 @@ def test_artifacts_served_once_they_exist(app, client):
     assert body["scores"] == {"before": 0.9, "after": 0.05}
     assert body["top5"]["before"][0]["label"] == "flute"
     assert body["eta_s"] == 0.0
-    extras = {"gradcam_npy", "gradcam_png", "areas_png"}  # not written by this job
+    extras = {"gradcam_npy", "gradcam_png", "areas_png", "saliency_npy", "saliency_png", "preview_png"}  # not written by this job (preview: running only)
     for key, url in body["artifacts"].items():
         assert url == (None if key in extras else f"/api/v1/jobs/{job_id}/artifacts/{key}")
     for key in extras:
@@ -848,14 +849,14 @@ def test_results_metrics_and_artifacts(app, client):
     assert len(body["results"]) == 2
     for k, (result, raw) in enumerate(zip(body["results"], results)):
         assert set(result) == {"target", "method", "scores", "top5", "metrics", "gradcam",
-                               "areas", "artifacts"}
+                               "areas", "warnings", "artifacts"}
         assert result["target"] == raw["target"]
         assert result["method"] == "meaningful_perturbation"
         assert result["scores"] == raw["scores"]
         assert result["top5"] == raw["top5"]
         assert result["metrics"] == raw["metrics"] and result["gradcam"] == raw["gradcam"]
         assert result["areas"] is None
-        assert set(result["artifacts"]) == set(body["artifacts"])
+        assert set(result["artifacts"]) == set(body["artifacts"]) - {"preview_png"}
         for key, url in result["artifacts"].items():
             if key == "areas_png":
                 assert url is None
@@ -1328,3 +1329,55 @@ def test_gunicorn_serves_the_app(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def test_live_state_and_warnings_in_the_job_json(app, client):
+    jsonschema = pytest.importorskip("jsonschema")
+    job_id = post_job(client, iterations=60, top_k=2).get_json()["id"]
+    live = [{"index": 558, "label": "flute", "iteration": 30, "total": 60, "score": 0.25,
+             "score_iteration": 28, "score_before": 0.97},
+            {"index": 683, "label": "oboe", "iteration": 29, "total": 60, "score": None,
+             "score_iteration": None, "score_before": 0.01}]
+    set_job(app, job_id, status="running", live=live, progress_iteration=59, progress_total=120,
+            target_index=558, target_label="flute", score_before=0.97, current_score=0.25)
+    body = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    jsonschema.validate(body, _job_schema(client))
+    assert body["target"] == {"index": 558, "label": "flute"} and body["scores"]["before"] == 0.97
+    assert body["targets"] == [558, 683]  # top-k: known once the worker ranked them
+    assert body["live"][0] == {"target": {"index": 558, "label": "flute"},
+                               "progress": {"iteration": 30, "total": 60, "fraction": 0.5},
+                               "score": 0.25, "score_iteration": 28, "score_before": 0.97}
+    assert body["live"][1]["score"] is None and body["warnings"] == []
+
+    _finish_with_results(app, job_id, targets=((558, "flute"), (683, "oboe")))
+    stored = [dict(r) for r in next(j for j in rows(app) if str(j.id) == job_id).results]
+    stored[1]["warnings"] = [{"code": "low_confidence", "message": "The model gives oboe only 0.010."},
+                             {"code": 5, "message": "junk"}]
+    stored[0]["warnings"] = [{"code": "score_not_halved", "message": "Not halved."}]
+    set_job(app, job_id, results=stored)
+    body = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    jsonschema.validate(body, _job_schema(client))
+    assert body["warnings"] == [{"code": "score_not_halved", "message": "Not halved."}]
+    assert body["results"][1]["warnings"] == [{"code": "low_confidence",
+                                               "message": "The model gives oboe only 0.010."}]
+
+
+def test_preview_link_while_running(app, client):
+    jsonschema = pytest.importorskip("jsonschema")
+    job_id = post_job(client, iterations=20).get_json()["id"]
+    storage = app.extensions["ebb"].storage
+    set_job(app, job_id, status="running")
+    assert client.get(f"/api/v1/jobs/{job_id}").get_json()["artifacts"]["preview_png"] is None
+    assert_error(client.get(f"/api/v1/jobs/{job_id}/artifacts/preview_png"), 404)
+    from shared.storage import atomic_write
+
+    atomic_write(storage.preview_path(job_id), b"\x89PNG preview")
+    body = client.get(f"/api/v1/jobs/{job_id}").get_json()
+    jsonschema.validate(body, _job_schema(client))
+    assert body["artifacts"]["preview_png"] == f"/api/v1/jobs/{job_id}/artifacts/preview_png"
+    response = client.get(body["artifacts"]["preview_png"])
+    assert response.status_code == 200 and response.data == b"\x89PNG preview"
+    assert response.mimetype == "image/png" and response.headers["Cache-Control"] == "no-cache"
+    assert_error(client.get(f"/api/v1/jobs/{job_id}/results/1/artifacts/preview_png"), 404)
+    set_job(app, job_id, status="succeeded")
+    assert client.get(f"/api/v1/jobs/{job_id}").get_json()["artifacts"]["preview_png"] is None

@@ -762,3 +762,50 @@ def test_jobs_list_shows_several_targets(app, client):
     html = client.get("/jobs").get_data(as_text=True)
     assert re.search(r'<span>flute <span class="muted">\+2</span></span>', html)
     assert "<span>top-3</span>" in html
+
+
+def test_running_page_shows_live_preview_and_per_target_scores(app, client):
+    job_id = new_job(client)
+    live = [{"index": 558, "label": "flute", "iteration": 12, "total": 40, "score": 0.31,
+             "score_iteration": 11, "score_before": 0.97},
+            {"index": 683, "label": "oboe", "iteration": 11, "total": 40, "score": 0.004,
+             "score_iteration": 10, "score_before": 0.02}]
+    set_job(app, job_id, status="running", progress_iteration=23, progress_total=80, live=live,
+            current_score=0.31, score_before=0.97, target_index=558, target_label="flute",
+            started_at=datetime.now(timezone.utc) - timedelta(seconds=5))
+    html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    [img] = Page(html).find("img", id="live-preview")
+    assert img["src"].endswith("/thumbnail")  # no preview written yet
+    app.extensions["ebb"].storage.preview_path(job_id).parent.mkdir(parents=True, exist_ok=True)
+    app.extensions["ebb"].storage.preview_path(job_id).write_bytes(image_bytes("PNG", (16, 16)))
+    html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    [img] = Page(html).find("img", id="live-preview")
+    assert img["src"] == f"/api/v1/jobs/{job_id}/artifacts/preview_png"
+    assert client.get(img["src"]).status_code == 200
+    assert "no noise" in html and re.search(r'id="current-score">0\.310<', html)
+    assert re.search(r'id="live-score-before">0\.970<', html)
+    rows = re.findall(r'<tr class="live-target"><td>(\w+)</td><td>(\d+) / (\d+)</td><td>([\d.e+-]+)</td>', html)
+    assert rows == [("flute", "12", "40", "0.310"), ("oboe", "11", "40", "0.004")]
+
+
+def test_weak_result_shows_warnings_and_colour_scale(app, client):
+    job_id = new_job(client)
+    _succeed(app, job_id)
+    result = {"target": {"index": 558, "label": "flute"}, "method": "meaningful_perturbation",
+              "scores": {"before": 0.93, "after": 0.9}, "top5": {"before": None, "after": None},
+              "metrics": None, "gradcam": None, "areas": None,
+              "warnings": [{"code": "score_not_halved", "message": "Only 0.930 to 0.900."},
+                           {"code": "mask_unchanged", "message": "The mask barely moved; lower noise_std."}]}
+    set_job(app, job_id, results=[result])
+    html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    section = html[html.index('id="warnings"'):html.index("</section>", html.index('id="warnings"'))]
+    assert 'data-code="score_not_halved"' in section and "lower noise_std" in section
+    assert 'id="colour-scale"' in html and "most salient" in html
+    assert "model input size" in html and "original size" in html
+
+
+def test_form_suggests_what_to_try_on_a_weak_result(client):
+    html = client.get("/").get_data(as_text=True)
+    tips = html[html.index('id="weak-tips"'):html.index("</p>", html.index('id="weak-tips"'))]
+    assert "noise std" in tips and "iterations" in tips and "preservation" in tips
+    assert "bit-for-bit" in html  # the seed's guarantee

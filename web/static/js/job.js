@@ -28,6 +28,46 @@
   }
   function set(id, text) { var el = $(id); if (el) el.textContent = text; }
 
+  // The live preview: the worker rewrites it every ~2 s; reload it at most that often.
+  var previewAt = 0;
+  function preview(job) {
+    var img = $("live-preview");
+    var url = job.artifacts && job.artifacts.preview_png;
+    if (!img || !url) return;
+    var now = Date.now();
+    if (now - previewAt < 2000) return;
+    previewAt = now;
+    var next = new Image();
+    next.onload = function () {
+      img.src = next.src;
+      img.alt = "The current mask over the image";
+      img.setAttribute("data-iteration", String((job.progress || {}).iteration || 0));
+      set("live-preview-caption", "Current mask (salient = bright), refreshed every 2 s");
+    };
+    next.src = url + (url.indexOf("?") < 0 ? "?" : "&") + "t=" + now;
+  }
+
+  function liveTargets(job) {
+    var table = $("live-targets");
+    var live = job.live || [];
+    if (!table || live.length < 2) return;
+    var body = table.tBodies[0];
+    while (body.rows.length > live.length) body.deleteRow(-1);
+    while (body.rows.length < live.length) {
+      var row = body.insertRow(-1);
+      row.className = "live-target";
+      for (var c = 0; c < 4; c++) row.insertCell(-1);
+    }
+    live.forEach(function (e, i) {
+      var cells = body.rows[i].cells, t = e.target || {}, p = e.progress || {};
+      cells[0].textContent = t.label || (t.index !== null && t.index !== undefined ? "class " + t.index : "–");
+      cells[1].textContent = (p.iteration || 0) + " / " + (p.total || 0);
+      cells[2].textContent = score(e.score);
+      cells[3].textContent = score(e.score_before);
+    });
+    table.hidden = false;
+  }
+
   function render(job) {
     var p = job.progress || {};
     var bar = $("progress");
@@ -43,6 +83,11 @@
       set("live-title", "Scoring faithfulness: deletion, insertion and the Grad-CAM baseline…");
     }
     set("current-score", score(job.current_score));
+    set("live-score-before", score((job.scores || {}).before));
+    var t = job.target || {};
+    if (t.label && $("job-target")) set("job-target", t.label + " (#" + t.index + ")");
+    liveTargets(job);
+    preview(job);
     set("elapsed", duration(job.elapsed_s));
     set("eta", duration(job.eta_s));
     if (job.queue_position) set("queue-position", job.queue_position);
