@@ -542,7 +542,7 @@ def run_job(job_id: str | uuid.UUID, runtime, hostname: str | None = None,
         _ended(claim, JobStatus.FAILED.value, runtime, error=message)
         return "failed"
     finally:
-        if claim is not None:
+        if isinstance(claim, Claim):
             # the live preview is for running jobs only (it outlives the optimisation,
             # so the page shows the final mask while the job is being scored)
             PreviewWriter.remove_for(runtime.storage, claim.job_id)
