@@ -109,3 +109,19 @@ def test_efficientnet_lite0_bit_equal(lite, images):
     finally:
         lite.module.to(memory_format=torch.contiguous_format)
     _assert_identical(solo, [*together, beside])
+
+
+def test_layout_settings_from_the_environment():
+    from worker.engine import default_layout_width, wants_reproducible
+
+    assert wants_reproducible({}) is True
+    assert wants_reproducible({"EBB_REPRODUCIBLE": "0"}) is False
+    with pytest.raises(ValueError, match="EBB_REPRODUCIBLE"):
+        wants_reproducible({"EBB_REPRODUCIBLE": "maybe"})
+    assert default_layout_width(4, "cpu", {}) == 4
+    assert default_layout_width(64, "cuda:0", {}) == 8
+    assert default_layout_width(4, "cpu", {"EBB_LAYOUT_WIDTH": "2"}) == 2
+    assert default_layout_width(4, "cpu", {"EBB_LAYOUT_WIDTH": "16"}) == 4  # at most max_batch
+    with pytest.raises(ValueError, match="EBB_LAYOUT_WIDTH"):
+        default_layout_width(4, "cpu", {"EBB_LAYOUT_WIDTH": "0"})
+
