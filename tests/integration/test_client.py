@@ -38,7 +38,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.realmodel, pytest.mark.timeout(600)]
 
 #: The files a succeeded meaningful-perturbation job has (Grad-CAM on, not extremal).
 JOB_FILES = {"mask.npy", "mask.png", "heatmap.png", "overlay.png", "perturbed.png", "result.json",
-             "gradcam.npy", "gradcam.png"}
+             "gradcam.npy", "gradcam.png", "saliency.npy", "saliency.png"}
 
 
 def web_env(stack: Stack, **extra: str) -> dict[str, str]:
