@@ -338,3 +338,19 @@ def test_live_mask_changes_and_weak_result_warns(e2e_stack, page, flute_image, s
     body = _assert_api_matches_schema(page, e2e_stack.base_url, weak_id, results=1)
     assert [w["code"] for w in body["warnings"]] == codes
     assert _csp_problems(page) == []
+
+
+def test_workers_page_shows_the_live_worker_and_refreshes_itself(e2e_stack, page, shots):
+    page.goto(e2e_stack.base_url + "/workers")
+    assert page.title().startswith("Workers")
+    # The e2e worker's heartbeat is there (published every few seconds from its start).
+    row = page.locator(f'tr[data-hostname^="e2e-{e2e_stack.queue_prefix}@"]')
+    row.wait_for(timeout=15_000)
+    assert "efficientnet_lite0" in row.inner_text() and "cpu" in row.inner_text()
+    assert page.locator('#fleet-models tr[data-model="efficientnet_lite0"]').inner_text().split()[1] == "1"
+    # The page reloads itself: a marker set now is gone after the refresh.
+    page.evaluate("() => { window.__ebbMarker = 1; }")
+    page.wait_for_function("() => window.__ebbMarker === undefined", timeout=15_000)
+    assert page.locator(f'tr[data-hostname^="e2e-{e2e_stack.queue_prefix}@"]').count() == 1
+    page.screenshot(path=str(shots / "screenshot-workers.png"), full_page=True)
+    assert not _csp_problems(page), page.console_messages
