@@ -201,8 +201,9 @@ def submit():
     try:
         sub = jobs_svc.parse_submission(
             request.form, jobs_svc.single_image(request.files), models=st.settings.models,
-            labels=st.labels, blank_is_default=True,
+            labels=st.labels, blank_is_default=True, max_pixels=st.settings.max_pixels,
         )
+        jobs_svc.admit(sub, st.settings)
     except jobs_svc.SubmissionErrors as errors:
         for name, (_code, message) in errors.errors.items():
             field = getattr(form, name, None)
