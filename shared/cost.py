@@ -14,8 +14,8 @@ The model (constants measured by ``benchmarks/cost_model.py``, see
   image and its float copies) ``+ overhead_bytes``;
 * **work** = ``targets * iterations * areas`` mask-iterations (``areas`` = 1
   for Meaningful Perturbation), the unit of ``EBB_MAX_JOB_WORK``;
-* **seconds** = ``items * iterations * input_size**2 / 1e6 *
-  seconds_per_mpix_iter`` on the measured CPU (a GPU is faster: the estimate
+* **seconds** = ``iterations * (step_overhead_s + items * input_size**2 /
+  1e6 * seconds_per_mpix_iter)`` on the measured CPU (a GPU is faster: the estimate
   is only used for the job's time budget, :func:`timeout_for`).
 
 where ``items = targets * areas``.
@@ -55,27 +55,45 @@ _REFERENCE = {"input_size": 224, "iterations": 500}
 
 @dataclass(frozen=True)
 class ModelCost:
-    """Measured costs of one model (per mask optimised in the batch).
+    """Measured costs of one model, per mask optimised in the batch.
 
     Attributes:
         bytes_per_pixel: peak memory per input pixel (``input_size**2``) per
-            mask, forward + backward, float32.
+            Meaningful Perturbation mask, forward + backward, float32.
+        extremal_bytes_per_pixel: the same per extremal area (its blur
+            pyramid and smooth-max mask cost more).
         seconds_per_mpix_iter: seconds per megapixel of input per mask per
-            Adam step on the reference CPU (2 cores).
-        overhead_bytes: fixed memory per job (scoring batches, buffers).
+            Adam step on the reference CPU (2 cores), Meaningful Perturbation.
+        extremal_seconds_per_mpix_iter: the same per extremal area.
+        step_overhead_s: fixed seconds per step (whatever the batch).
+        overhead_bytes: fixed memory per job (allocator, scoring batches).
     """
 
     bytes_per_pixel: float
+    extremal_bytes_per_pixel: float
     seconds_per_mpix_iter: float
-    overhead_bytes: int = 64 * 2**20
+    extremal_seconds_per_mpix_iter: float
+    step_overhead_s: float
+    overhead_bytes: int = 128 * 2**20
+
+    def per_pixel(self, method: str) -> float:
+        return self.extremal_bytes_per_pixel if method == "extremal" else self.bytes_per_pixel
+
+    def per_mpix_iter(self, method: str) -> float:
+        return self.extremal_seconds_per_mpix_iter if method == "extremal" else self.seconds_per_mpix_iter
 
 
-#: Per-model costs; measured with ``benchmarks/cost_model.py`` on the 2-core
-#: CPU of ``benchmarks/RESULTS.md`` and rounded up. Models not listed use
-#: :data:`DEFAULT_COST` (VGG19's, the most expensive model measured).
+#: Per-model costs: ``benchmarks/cost_model.py`` on the 2-core CPU of
+#: ``benchmarks/RESULTS.md``, fitted (fixed + per pixel) and rounded up by
+#: about 20%. Models not listed use :data:`DEFAULT_COST` (VGG19's, the most
+#: expensive model measured).
 MODEL_COSTS: dict[str, ModelCost] = {
-    "efficientnet_lite0": ModelCost(bytes_per_pixel=1400.0, seconds_per_mpix_iter=1.0),
-    "vgg19": ModelCost(bytes_per_pixel=3200.0, seconds_per_mpix_iter=9.5),
+    "efficientnet_lite0": ModelCost(bytes_per_pixel=2400.0, extremal_bytes_per_pixel=3400.0,
+                                    seconds_per_mpix_iter=1.2, extremal_seconds_per_mpix_iter=3.2,
+                                    step_overhead_s=0.15),
+    "vgg19": ModelCost(bytes_per_pixel=2800.0, extremal_bytes_per_pixel=3400.0,
+                       seconds_per_mpix_iter=8.0, extremal_seconds_per_mpix_iter=8.0,
+                       step_overhead_s=0.6),
 }
 DEFAULT_COST = MODEL_COSTS["vgg19"]
 
@@ -121,10 +139,10 @@ def model_cost(model: str) -> ModelCost:
     return MODEL_COSTS.get(model, DEFAULT_COST)
 
 
-def item_memory(model: str, input_size: int) -> int:
-    """Memory (bytes) of one mask in a batch at ``input_size``: what the
-    worker's engine adds up before it admits a job to its batch."""
-    return int(math.ceil(model_cost(model).bytes_per_pixel * int(input_size) ** 2))
+def item_memory(model: str, input_size: int, method: str = "meaningful_perturbation") -> int:
+    """Memory (bytes) of one mask of ``method`` in a batch at ``input_size``:
+    what the worker's engine adds up before it admits a job to its batch."""
+    return int(math.ceil(model_cost(model).per_pixel(method) * int(input_size) ** 2))
 
 
 def estimate(config: Any, model: str, width: int, height: int, n_targets: int = 1) -> Cost:
@@ -136,9 +154,11 @@ def estimate(config: Any, model: str, width: int, height: int, n_targets: int = 
     items = targets * areas
     size = int(_get(config, "input_size"))
     iterations = int(_get(config, "iterations"))
-    memory = (items * item_memory(model, size)
+    method = str(_get(config, "method"))
+    memory = (items * item_memory(model, size, method)
               + int(width) * int(height) * IMAGE_BYTES_PER_PIXEL + costs.overhead_bytes)
-    seconds = items * iterations * size * size / 1e6 * costs.seconds_per_mpix_iter
+    seconds = iterations * (costs.step_overhead_s
+                            + items * size * size / 1e6 * costs.per_mpix_iter(method))
     return Cost(memory_bytes=int(memory), work=targets * iterations * areas, seconds=float(seconds),
                 items=items)
 

@@ -372,7 +372,7 @@ class BatchEngine:
             groups.setdefault(_plan_key(config), []).append(config)
         peak = 0
         for key, members in groups.items():
-            item = item_memory(self.model_name, key[1])
+            item = item_memory(self.model_name, key[1], "meaningful_perturbation" if key[0] == "mp" else "extremal")
             if key[0] == "mp":
                 width = self.layout_width if self.reproducible else min(len(members), self.max_batch)
                 size = item * (width if self.reproducible else min(len(members), width))
