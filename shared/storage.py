@@ -15,11 +15,26 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: A store key: relative, ``/``-separated, no ``..``; built by the server only.
+_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
+
+
+def check_key(key: str) -> str:
+    """``key`` if it is a safe relative store key (``jobs/<id>/mask.png``), else ``ValueError``."""
+    if not isinstance(key, str) or not _KEY.match(key) or ".." in key.split("/"):
+        raise ValueError(f"not a valid store key: {key!r}")
+    return key
+
+
+def job_key(job_id: uuid.UUID | str) -> str:
+    """``jobs/<id>``: the default artifacts key of a job."""
+    return f"jobs/{parse_job_id(job_id)}"
 
 
 def artifact_names() -> dict[str, str]:
@@ -81,6 +96,17 @@ class Storage:
 
     def __repr__(self) -> str:
         return f"Storage({str(self.data_dir)!r})"
+
+    def delete(self, key: str) -> None:
+        """Remove the file ``key`` (a relative path under ``data_dir``) if it exists."""
+        try:
+            (self.data_dir / check_key(key)).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove the folder ``prefix`` (a relative path under ``data_dir``) and all it holds."""
+        shutil.rmtree(self.data_dir / check_key(prefix), ignore_errors=True)
 
     @property
     def uploads_dir(self) -> Path:

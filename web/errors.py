@@ -49,13 +49,16 @@ class ApiError(Exception):
     """An error with an HTTP status, a stable machine code and a message."""
 
     def __init__(
-        self, status: int, code: str, message: str, field: str | None = None, **extra: Any
+        self, status: int, code: str, message: str, field: str | None = None,
+        headers: dict[str, str] | None = None, **extra: Any
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.field = field
+        #: Response headers (e.g. ``Retry-After`` of a 429).
+        self.headers = dict(headers or {})
         self.extra = extra
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,8 +108,9 @@ def _handle_api_error(exc: ApiError):
     if is_api_request():
         response = jsonify(exc.to_dict())
         response.status_code = exc.status
+        response.headers.extend(exc.headers)
         return response
-    return html_error(exc.status, exc.message)
+    return html_error(exc.status, exc.message, headers=exc.headers.items())
 
 
 def _handle_http(exc: HTTPException):

@@ -367,8 +367,9 @@ def parse_submission(
 
 def admit(sub: Submission, settings: Any) -> None:
     """Admission control: raise :class:`SubmissionErrors` with code
-    ``too_expensive`` on the field to lower when ``sub``'s estimated memory or
-    work (:mod:`shared.cost`) is over ``EBB_MAX_JOB_MEMORY`` /
+    ``too_expensive`` on the field to lower when ``sub`` asks for more than
+    ``EBB_MAX_ITERATIONS`` iterations (field ``iterations``), or its estimated
+    memory or work (:mod:`shared.cost`) is over ``EBB_MAX_JOB_MEMORY`` /
     ``EBB_MAX_JOB_WORK``. Nothing is stored."""
     from shared.cost import TooExpensive, check, estimate
 
@@ -380,6 +381,11 @@ def admit(sub: Submission, settings: Any) -> None:
               width=sub.width, height=sub.height)
     except TooExpensive as exc:
         raise SubmissionErrors({exc.field: ("too_expensive", exc.message)}) from None
+    cap = getattr(settings, "max_iterations", None)
+    if cap is not None and sub.config.iterations > cap:
+        raise SubmissionErrors({"iterations": (
+            "too_expensive",
+            f"iterations must be at most {cap} (EBB_MAX_ITERATIONS), got {sub.config.iterations}")})
 
 
 def single_image(files: Any) -> Any:
