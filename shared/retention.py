@@ -67,6 +67,8 @@ class Deleted:
     job_id: uuid.UUID
     removed: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
+    #: Keys the store refused to delete (e.g. an object store that is down).
+    failed: list[str] = field(default_factory=list)
 
 
 class NotFinished(Exception):
@@ -119,36 +121,52 @@ def delete_job(session: Session, storage: Any, job_id: uuid.UUID) -> Deleted | N
         raise NotFinished(f"job {job_id} is {job.status}")
     sha = job.image_sha256
     keys = list(dict.fromkeys([artifacts_key(job), job_key(job.id)]))
+    session.expunge(job)
     gone = session.execute(
         delete(Job).where(Job.id == job_id, Job.status.in_(TERMINAL_STATUSES))
         .execution_options(synchronize_session=False)
     ).rowcount
     session.commit()
-    session.expunge_all()
     if gone != 1:
         if session.get(Job, job_id) is None:
             return None
         raise NotFinished(f"job {job_id} is no longer finished")
     result = Deleted(job_id)
+
+    def remove(what: str, key: str) -> None:
+        try:
+            getattr(storage, what)(key)
+        except Exception as error:  # noqa: BLE001 - the row is gone; report, keep going
+            log.warning("job %s deleted but %s could not be removed: %s", job_id, key, error)
+            result.failed.append(key)
+        else:
+            result.removed.append(key)
+
     for key in keys:
         if _artifacts_in_use(session, key):
             result.kept.append(key)
-            continue
-        storage.delete_prefix(key)
-        result.removed.append(key)
-    preview = f"previews/{job_id}.png"
-    storage.delete(preview)
+        else:
+            remove("delete_prefix", key)
+    remove("delete", f"previews/{job_id}.png")
     upload = f"uploads/{sha}"
     if _upload_in_use(session, sha):
         result.kept.append(upload)
     else:
-        storage.delete(upload)
-        result.removed.append(upload)
+        remove("delete", upload)
         result.removed += _remove_derived(getattr(storage, "data_dir", None), sha)
     log.info("job %s deleted (removed %s; kept %s)", job_id, ", ".join(result.removed) or "nothing",
              ", ".join(result.kept) or "nothing",
              extra={"event": "deleted", "job_id": str(job_id)})
     return result
+
+
+def open_store(settings: Any) -> Any:
+    """The store of ``settings`` (``shared.storage.open_storage`` when the
+    object-store support is there, else the data folder)."""
+    import shared.storage as storage_mod
+
+    opener = getattr(storage_mod, "open_storage", None)
+    return opener(settings) if opener is not None else storage_mod.Storage(settings.data_dir)
 
 
 def expired_jobs(session: Session, older_than: timedelta, now: datetime | None = None) -> list[uuid.UUID]:

@@ -8,7 +8,7 @@ from flask import Blueprint, jsonify, request, send_file, url_for
 
 from shared.attribution.config import PerturbationConfig
 
-from . import fleet
+from . import fleet, quotas
 from . import jobs as jobs_svc
 from .db import get_db, state
 from .errors import ApiError
@@ -35,6 +35,7 @@ def create_job():
     except jobs_svc.SubmissionErrors as errors:
         raise errors.first() from None
     db = get_db()
+    quotas.check(db, st.settings, quotas.owner_name(), quotas.submission_work(sub))
     job = jobs_svc.submit(db, st.storage, sub)
     body = jobs_svc.job_to_dict(db, st.storage, job)
     response = jsonify(body)
@@ -75,6 +76,23 @@ def get_job(job_id: uuid.UUID):
     db = get_db()
     job = jobs_svc.get_job(db, job_id)
     return jsonify(jobs_svc.job_to_dict(db, state().storage, job))
+
+
+@bp.delete("/jobs/<uuid:job_id>")
+def delete_job(job_id: uuid.UUID):
+    """Delete a job, its artifacts and its upload (unless another job uses
+    them); a queued or running job is cancelled first. 204 when done."""
+    jobs_svc.delete_job(get_db(), state().storage, job_id)
+    return "", 204
+
+
+@bp.get("/usage")
+def usage():
+    """The requester's quota usage and limits."""
+    st = state()
+    response = jsonify(quotas.usage(get_db(), st.settings, quotas.owner_name()))
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 @bp.post("/jobs/<uuid:job_id>/cancel")

@@ -845,6 +845,7 @@ def job_to_dict(db: Session, storage: Any, job: Job) -> dict[str, Any]:
         "worker": job.worker_hostname,
         "timings": job.timings if isinstance(job.timings, dict) else None,
         "cancel_requested": bool(job.cancel_requested),
+        "usage": _usage(db, job),
         "image": {
             "sha256": job.image_sha256,
             "width": job.image_width,
@@ -858,6 +859,12 @@ def job_to_dict(db: Session, storage: Any, job: Job) -> dict[str, Any]:
             "thumbnail": url_for("pages.job_thumbnail", job_id=job.id),
         },
     }
+
+
+def _usage(db: Session, job: Job) -> dict[str, Any]:
+    from .quotas import cached_usage, job_owner
+
+    return cached_usage(db, current_app.extensions["ebb"].settings, job_owner(job))
 
 
 # --------------------------------------------------------------------------- list
@@ -901,6 +908,48 @@ def list_jobs(
     rows = list(db.scalars(query))
     next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
     return rows[:limit], next_cursor
+
+
+# --------------------------------------------------------------------------- delete
+
+#: Seconds ``DELETE`` waits for a cancelled running job to stop before it answers 409.
+DELETE_WAIT_S = 5.0
+
+
+def delete_job(db: Session, storage: Any, job_id: uuid.UUID) -> None:
+    """Delete ``job_id`` (:func:`shared.retention.delete_job`): its row, its
+    artifacts and its upload unless another job uses them. A queued or
+    running job is cancelled first; a running one that has not stopped
+    within :data:`DELETE_WAIT_S` answers 409 ``job_running`` (retry later)."""
+    import time
+
+    from shared.retention import NotFinished
+    from shared.retention import delete_job as delete_finished
+
+    job = get_job(db, job_id)
+    if job.status not in TERMINAL_STATUSES:
+        try:
+            cancel_job(db, job_id)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+        deadline = time.monotonic() + DELETE_WAIT_S
+        while job.status not in TERMINAL_STATUSES and time.monotonic() < deadline:
+            time.sleep(0.1)
+            db.rollback()
+            db.refresh(job)
+    running = ApiError(
+        409, "job_running",
+        f"job {job_id} is still {job.status}: its cancel was requested and it stops at its next "
+        "step; send the DELETE again in a moment.", headers={"Retry-After": "2"})
+    if job.status not in TERMINAL_STATUSES:
+        raise running
+    try:
+        done = delete_finished(db, storage, job_id)
+    except NotFinished:
+        raise running from None
+    if done is None:
+        raise ApiError(404, "not_found", f"job {job_id} not found")
 
 
 # --------------------------------------------------------------------------- cancel
