@@ -104,7 +104,17 @@ def _max_upload_mb() -> float:
     return round((request.max_content_length or 0) / 1048576, 2)
 
 
+def remember_headers(exc: ApiError) -> None:
+    """Note ``exc``'s ``Retry-After`` so the rate limiter's own header
+    (written on every limited response) does not replace it."""
+    if "Retry-After" in exc.headers:
+        from flask import g
+
+        g.ebb_retry_after = exc.headers["Retry-After"]
+
+
 def _handle_api_error(exc: ApiError):
+    remember_headers(exc)
     if is_api_request():
         response = jsonify(exc.to_dict())
         response.status_code = exc.status

@@ -28,7 +28,7 @@ from shared.fleet import interval_s, workers_by_model
 from . import charts, fleet, quotas
 from . import jobs as jobs_svc
 from .db import get_db, state
-from .errors import ApiError
+from .errors import ApiError, remember_headers
 from .forms import JobForm
 
 bp = Blueprint("pages", __name__)
@@ -216,6 +216,7 @@ def submit():
         quotas.check(get_db(), st.settings, quotas.owner_name(), quotas.submission_work(sub))
         job = jobs_svc.submit(get_db(), st.storage, sub)
     except ApiError as exc:
+        remember_headers(exc)
         response = _render_form(form, exc.status, [exc.message])
         response.headers.extend(exc.headers)
         return response
