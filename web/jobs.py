@@ -944,6 +944,9 @@ def delete_job(db: Session, storage: Any, job_id: uuid.UUID) -> None:
         "step; send the DELETE again in a moment.", headers={"Retry-After": "2"})
     if job.status not in TERMINAL_STATUSES:
         raise running
+    from .quotas import record_deleted
+
+    record_deleted(current_app.extensions["ebb"].settings, job)
     try:
         done = delete_finished(db, storage, job_id)
     except NotFinished:

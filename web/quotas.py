@@ -5,13 +5,17 @@ validated (a rejected request spends nothing: only stored jobs count).
 The owner is the authenticated token's name (``web.auth.current_owner``) or
 ``default`` in single-user mode. The database is the ledger: an owner's
 active jobs are their queued and running rows, their work in the last hour
-the sum over the rows they submitted in that hour (cancelled ones included).
+the sum over the rows they submitted in that hour (cancelled ones included),
+plus the jobs of that hour they deleted since: deleting a job does not give
+its work back (those are noted in Redis, in a sorted set per owner under
+``<EBB_RATE_LIMIT_PREFIX>:deleted-work:<owner>`` that expires after the hour).
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from flask import g
@@ -22,6 +26,8 @@ from shared.db.models import Job, JobStatus, utcnow
 from shared.quotas import WINDOW, budget_refill, job_work
 
 from .errors import ApiError
+
+log = logging.getLogger(__name__)
 
 #: The owner of every job in single-user mode (no tokens).
 DEFAULT_OWNER = "default"
@@ -79,10 +85,61 @@ def _recent(db: Session, name: str, now: datetime) -> list[tuple[datetime, int]]
     return [(_as_utc(created), job_work(config, targets, top_k)) for created, config, targets, top_k in rows]
 
 
+def _deleted_key(settings: Any, name: str) -> str:
+    return f"{settings.rate_limit_prefix}:deleted-work:{name}"
+
+
+def _redis() -> Any:
+    from .fleet import _client
+
+    return _client()
+
+
+def record_deleted(settings: Any, job: Job, now: datetime | None = None) -> None:
+    """Keep the work of ``job``, about to be deleted, in its owner's hour
+    (best effort: a Redis failure is logged and the work is forgotten)."""
+    from .jobs import as_utc
+
+    now = now or utcnow()
+    created = as_utc(job.created_at)
+    if created is None or created <= now - WINDOW or getattr(job, "reused_from", None) is not None:
+        return
+    work = job_work(job.config, job.targets, job.top_k)
+    key = _deleted_key(settings, job_owner(job))
+    try:
+        client = _redis()
+        client.zadd(key, {f"{job.id}:{work}": created.timestamp()})
+        client.expire(key, int(WINDOW.total_seconds()) + 60)
+    except Exception as error:  # noqa: BLE001 - best effort
+        log.warning("could not record the work of deleted job %s: %s", job.id, error)
+
+
+def _deleted(settings: Any, name: str, now: datetime) -> list[tuple[datetime, int]]:
+    try:
+        rows = _redis().zrangebyscore(_deleted_key(settings, name), (now - WINDOW).timestamp(), "+inf",
+                                      withscores=True)
+    except Exception as error:  # noqa: BLE001 - Redis down: count the rows only
+        log.warning("could not read the deleted jobs' work of %s: %s", name, error)
+        return []
+    out = []
+    for member, score in rows:
+        try:
+            work = int((member.decode() if isinstance(member, bytes) else str(member)).rsplit(":", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        out.append((datetime.fromtimestamp(float(score), timezone.utc), work))
+    return out
+
+
+def _spent(db: Session, settings: Any, name: str, now: datetime) -> list[tuple[datetime, int]]:
+    """``(accepted at, work)`` of the owner's jobs of the last hour, deleted ones included."""
+    return _recent(db, name, now) + _deleted(settings, name, now)
+
+
 def usage(db: Session, settings: Any, name: str, now: datetime | None = None) -> dict[str, Any]:
     """The owner's usage and limits (``GET /api/v1/usage`` and the job JSON)."""
     now = now or utcnow()
-    recent = _recent(db, name, now)
+    recent = _spent(db, settings, name, now)
     used = sum(work for _, work in recent)
     budget = settings.work_budget
     refills = None
@@ -133,7 +190,7 @@ def check(db: Session, settings: Any, name: str, work: int, now: datetime | None
             400, "too_expensive",
             f"this job is {work} mask-iterations (targets x iterations x areas), more than the "
             f"hourly budget of {budget} (EBB_WORK_BUDGET); lower iterations.", field="iterations")
-    recent = _recent(db, name, now)
+    recent = _spent(db, settings, name, now)
     refill = budget_refill(recent, work, budget, now)
     if refill is None:
         return
@@ -155,4 +212,4 @@ def submission_work(sub: Any) -> int:
 
 
 __all__ = ["DEFAULT_OWNER", "check", "usage", "cached_usage", "owner_name", "job_owner",
-           "submission_work"]
+           "record_deleted", "submission_work"]

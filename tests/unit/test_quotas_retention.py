@@ -146,6 +146,13 @@ def test_work_budget_is_a_429_saying_when_it_refills_and_bad_input_spends_nothin
     usage = client.get("/api/v1/usage").get_json()
     assert usage == {**usage, "owner": "default", "work_last_hour": 100, "work_budget": 100,
                      "work_left": 0, "active_jobs": 2, "max_active_jobs": 20, "max_iterations": 2000}
+    # deleting a job does not give its work back
+    second = client.get("/api/v1/jobs").get_json()["jobs"][0]
+    assert second["usage"]["work_last_hour"] == 100
+    _set(app, second["id"], status="cancelled")
+    assert client.delete(f"/api/v1/jobs/{second['id']}").status_code == 204
+    assert client.get("/api/v1/usage").get_json()["work_last_hour"] == 100
+    assert _post(client, iterations=1).status_code == 429
     # an hour later the first job has left the window
     _set(app, first.get_json()["id"], created_at=datetime.now(timezone.utc) - timedelta(minutes=61))
     assert _post(client, iterations=60).status_code == 202
