@@ -150,6 +150,7 @@ def test_work_budget_is_a_429_saying_when_it_refills_and_bad_input_spends_nothin
     second = client.get("/api/v1/jobs").get_json()["jobs"][0]
     assert second["usage"]["work_last_hour"] == 100
     _set(app, second["id"], status="cancelled")
+    assert client.get("/api/v1/usage").get_json()["work_last_hour"] == 100  # cancelled: still counts
     assert client.delete(f"/api/v1/jobs/{second['id']}").status_code == 204
     assert client.get("/api/v1/usage").get_json()["work_last_hour"] == 100
     assert _post(client, iterations=1).status_code == 429
