@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session
 from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
 from shared.db.session import retrying, session_factory
 from shared.storage import parse_job_id
+from shared.storage_check import disk_full_message, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -531,7 +532,7 @@ def run_job(job_id: str | uuid.UUID, runtime, hostname: str | None = None,
             message = one_line(error)
         except Exception as error:  # noqa: BLE001 - the worker must carry on
             log.exception("job %s failed", jid)
-            message = one_line(error)
+            message = one_line(JobError(disk_full_message(error))) if is_disk_full(error) else one_line(error)
         else:
             info["job_status"] = JobStatus.QUEUED.value if outcome == "requeued" else outcome
             _ended(claim, outcome, runtime)
