@@ -9,13 +9,13 @@ rather than holding a thread) with two changes:
   too large, ...) have the service's JSON shape
   ``{"error": {"code", "message"}}`` instead of gunicorn's HTML page.
 * A client has ``EBB_WEB_BODY_TIMEOUT`` seconds (default 30) to send a whole
-  request once it started. Every socket read while the request line and the
-  headers arrive waits at most that long (a client that stalls there is
-  disconnected), and the body is read in full, against one deadline, before
-  the application runs: a body not fully received in time gets a JSON 408
-  ``request_timeout`` and the connection is closed. A slow client therefore
-  holds a thread for at most that long, and ``/healthz`` keeps answering
-  while the other threads serve.
+  request (request line, headers and body) from its first byte, however it
+  trickles: every socket read of the request waits at most until that
+  deadline. The body is read in full before the application runs; one not
+  fully received in time gets a JSON 408 ``request_timeout`` and the
+  connection is closed; a client that has not even sent its headers in time
+  is disconnected. A slow client therefore holds one of the ``threads`` for
+  at most that long, and ``/healthz`` keeps answering from the other threads.
 
 Bodies larger than the application's upload limit are left to the
 application (which answers 413 without reading them). A body is buffered in
@@ -34,6 +34,9 @@ import re
 import socket
 import time
 
+from gunicorn import util
+from gunicorn.http.errors import NoMoreData
+from gunicorn.http.unreader import SocketUnreader
 from gunicorn.workers.gthread import ThreadWorker
 
 #: Status -> stable error code, as in :data:`web.errors.CODES` (kept here so
@@ -124,39 +127,44 @@ class JsonThreadWorker(ThreadWorker):
         except OSError:
             self.log.debug("Failed to send error message.")
 
+    def _answer_and_close(self, sock, data: bytes) -> None:
+        """Send ``data``, then half-close and drain briefly (RFC 9112 9.6), so that
+        the client, which may still be sending, reads the answer rather than a reset."""
+        self._send(sock, data)
+        util.close_graceful(sock, timeout=1.0)
+
     # ------------------------------------------------------------------ deadline
 
     def handle(self, conn):
-        """Bound every read of the request line and headers by the body timeout."""
+        """Give this request ``body_timeout`` seconds from now, for its request
+        line, headers and body together (see :class:`_DeadlineSocket`)."""
         init = conn.init
         timeout = getattr(self, "body_timeout", None)
 
-        def init_with_timeout() -> None:
+        def init_with_deadline() -> None:
             init()
-            if timeout is not None and not conn.is_http2:
-                conn.sock.settimeout(timeout)
+            unreader = getattr(conn.parser, "unreader", None)
+            if timeout is not None and not conn.is_http2 and isinstance(unreader, SocketUnreader):
+                unreader.sock = _DeadlineSocket(conn.sock, time.monotonic() + timeout)
 
-        conn.init = init_with_timeout
-        try:
-            return super().handle(conn)
-        except TimeoutError:  # pragma: no cover - gthread catches OSError itself
-            return False
+        conn.init = init_with_deadline
+        return super().handle(conn)
 
     def handle_request(self, req, conn):
         try:
-            self._buffer_body(req, conn.sock)
+            self._buffer_body(req, conn)
         except BodyTimeout as exc:
             self.log.warning("Request body from %s not received in time: %s", conn.client, exc)
-            self._send(conn.sock, json_error_response(408, "Request Timeout", str(exc)))
+            self._answer_and_close(conn.sock, json_error_response(408, "Request Timeout", str(exc)))
             return False
         except BodyTooLarge as exc:
-            self._send(conn.sock, json_error_response(413, "Payload Too Large", str(exc)))
+            self._answer_and_close(conn.sock, json_error_response(413, "Payload Too Large", str(exc)))
             return False
         return super().handle_request(req, conn)
 
-    def _buffer_body(self, req, sock) -> None:
-        """Read ``req``'s body into memory before the application runs, within
-        ``body_timeout`` seconds in all; :class:`BodyTimeout` if it does not arrive,
+    def _buffer_body(self, req, conn) -> None:
+        """Read ``req``'s body into memory before the application runs, by the
+        request's deadline; :class:`BodyTimeout` if it does not arrive in time,
         :class:`BodyTooLarge` if a chunked body goes past the limit."""
         timeout = getattr(self, "body_timeout", None)
         if timeout is None or req.body is None:
@@ -168,31 +176,53 @@ class JsonThreadWorker(ThreadWorker):
             return
         if length is not None and length > self.body_limit:
             return  # the application refuses it (413) without reading it
-        deadline = time.monotonic() + timeout
         buffer = io.BytesIO()
         try:
             while buffer.tell() <= self.body_limit:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise socket.timeout()
-                sock.settimeout(left)
                 chunk = req.body.read(65536)
                 if not chunk:
                     break
                 buffer.write(chunk)
-        except (socket.timeout, TimeoutError):
+        except DeadlinePassed:
             raise BodyTimeout(
                 f"The request body was not received within {timeout:g} s "
                 f"({buffer.tell()} bytes arrived); send it faster or retry.") from None
-        finally:
-            try:
-                sock.settimeout(timeout)
-            except OSError:
-                pass
         if buffer.tell() > self.body_limit:
             raise BodyTooLarge(f"The request body is larger than {self.body_limit // 1048576} MiB.")
         buffer.seek(0)
         req.body = buffer
+
+
+class DeadlinePassed(NoMoreData):
+    """The request was not received by its deadline (gthread closes the
+    connection quietly when this happens before the body)."""
+
+
+class _DeadlineSocket:
+    """The client socket as the request parser sees it: every ``recv`` waits at
+    most until ``deadline`` (``time.monotonic()``), however the client trickles."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self._sock = sock
+        self.deadline = deadline
+
+    def recv(self, size: int) -> bytes:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlinePassed()
+        current = self._sock.gettimeout()
+        self._sock.settimeout(left if current is None else min(current, left))
+        try:
+            return self._sock.recv(size)
+        except (socket.timeout, TimeoutError):
+            if self.deadline - time.monotonic() <= 0:
+                raise DeadlinePassed() from None
+            raise
+        finally:
+            self._sock.settimeout(current)
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
 
 
 def _content_length(req) -> int | None:

@@ -297,7 +297,7 @@ def test_read_only_disk_is_503_json_and_pages_still_work(start_gunicorn, redis_u
     with tmpfs(tmp_path / "store", "8m") as store:
         data_dir = store / "data"
         env = web_env(data_dir=data_dir, database_url=f"sqlite:///{tmp_path / 'ebb.sqlite3'}",
-                      redis_url=redis_url, prefix=prefix)
+                      redis_url=redis_url, prefix=prefix, EBB_MIN_FREE_MB="1")
         web = start_gunicorn(env)
         web.wait_ready()
         first = post_job(web.base_url, png(seed=3))
