@@ -218,7 +218,8 @@ def test_slow_bodies_do_not_stall_healthz_and_get_a_json_408(start_gunicorn, red
 
 
 def test_gunicorn_early_errors_are_json(start_gunicorn, redis_url, prefix, tmp_path):
-    """gunicorn's own answers (414 request line too long, 400 bad request line)
+    """gunicorn's own answers (414 request line too long, 431 header too large,
+    400 bad request line)
     have the service's JSON error shape, not gunicorn's HTML page."""
     import requests
 
@@ -230,6 +231,9 @@ def test_gunicorn_early_errors_are_json(start_gunicorn, redis_url, prefix, tmp_p
     response = requests.get(f"{web.base_url}/api/v1/jobs?x={'a' * 9000}", timeout=10)
     error = assert_json_error(response, 414, "uri_too_long")
     assert "too long" in error["message"]
+
+    response = requests.get(f"{web.base_url}/healthz", headers={"X-Big": "b" * 9000}, timeout=10)
+    assert_json_error(response, 431, "request_header_fields_too_large")
 
     sock = socket.create_connection(("127.0.0.1", web.port))
     sock.sendall(b"NOT AN HTTP REQUEST LINE\r\n\r\n")

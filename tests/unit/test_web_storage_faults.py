@@ -140,6 +140,39 @@ def test_json_error_response_for_408():
     assert json.loads(body) == {"error": {"code": "request_timeout", "message": "too slow"}}
 
 
+class _Req:
+    def __init__(self, headers, body: bytes):
+        self.headers = headers
+        self.body = io.BytesIO(body)
+
+
+def _worker(limit: int):
+    from web.gunicorn_worker import JsonThreadWorker
+
+    worker = object.__new__(JsonThreadWorker)  # no process: only the body buffering is used
+    worker.body_timeout, worker.body_limit = 5.0, limit
+    return worker
+
+
+def test_body_is_buffered_up_to_the_limit():
+    from web.gunicorn_worker import BodyTooLarge
+
+    worker = _worker(limit=1000)
+    req = _Req([("CONTENT-LENGTH", "600")], b"x" * 600)
+    worker._buffer_body(req, None)
+    assert req.body.read() == b"x" * 600
+    # declared larger than the limit: left unread for the app's 413
+    big = _Req([("CONTENT-LENGTH", "5000")], b"y" * 5000)
+    original = big.body
+    worker._buffer_body(big, None)
+    assert big.body is original and original.tell() == 0
+    # chunked (no length) beyond the limit: refused after at most limit + one read
+    chunked = _Req([("TRANSFER-ENCODING", "chunked")], b"z" * 200_000)
+    with pytest.raises(BodyTooLarge):
+        worker._buffer_body(chunked, None)
+    assert chunked.body.tell() <= 1000 + 65536
+
+
 def test_gunicorn_conf_uses_the_json_thread_worker(monkeypatch):
     """The settings every deployment gets from ``-c python:web.gunicorn_conf``."""
     from gunicorn.config import Config
