@@ -337,7 +337,8 @@ def parse_submission(
                     data, max_pixels=max_pixels
                 )
             except ValueError as exc:  # ImageDecodeError is a ValueError
-                errors["image"] = ("invalid_image", _image_message(exc))
+                code = "too_expensive" if getattr(exc, "code", None) == "too_many_pixels" else "invalid_image"
+                errors["image"] = (code, _image_message(exc))
 
     getlist = getattr(form, "getlist", None)
     if getlist is not None:  # a field given twice is ambiguous: refuse it
@@ -363,6 +364,23 @@ def parse_submission(
         targets=targets,
         top_k=top_k if top_k > 1 else None,
     )
+
+
+def admit(sub: Submission, settings: Any) -> None:
+    """Admission control: raise :class:`SubmissionErrors` with code
+    ``too_expensive`` on the field to lower when ``sub``'s estimated memory or
+    work (:mod:`shared.cost`) is over ``EBB_MAX_JOB_MEMORY`` /
+    ``EBB_MAX_JOB_WORK``. Nothing is stored."""
+    from shared.cost import TooExpensive, check, estimate
+
+    n = sub.target_count
+    cost = estimate(sub.config, sub.model, sub.width, sub.height, n)
+    try:
+        check(cost, sub.config, max_memory=settings.max_job_memory, max_work=settings.max_job_work,
+              n_targets=n, targets_field="targets" if sub.targets else "top_k",
+              width=sub.width, height=sub.height)
+    except TooExpensive as exc:
+        raise SubmissionErrors({exc.field: ("too_expensive", exc.message)}) from None
 
 
 def single_image(files: Any) -> Any:

@@ -671,7 +671,16 @@ def _base_document(server_url: str) -> dict[str, Any]:
                                                 "parameters": {"job_id": "$response.body#/id"}},
                             },
                         },
-                        "400": errors["400"],
+                        "400": _error_response(
+                            "Invalid input (`invalid_value`, `invalid_image`, `invalid_target`, "
+                            "`unknown_model`, `missing_field`), or `too_expensive`: the job is "
+                            "over an admission limit (estimated memory over `EBB_MAX_JOB_MEMORY`, "
+                            "default 4 GiB; mask-iterations = targets x iterations x areas over "
+                            "`EBB_MAX_JOB_WORK`, default 100000; decoded pixels over "
+                            "`EBB_MAX_PIXELS`, default 25000000, read from the image header). "
+                            "`field` names the input to lower (`input_size`, `iterations`, "
+                            "`areas`, `top_k`, `targets` or `image`). Nothing is stored.",
+                            "too_expensive"),
                         "405": errors["405"],
                         "408": errors["408"],
                         "413": errors["413"],

@@ -294,8 +294,8 @@ def test_full_disk_is_507_json_nothing_stored_and_not_ready(start_gunicorn, redi
 def test_read_only_disk_is_503_json_and_pages_still_work(start_gunicorn, redis_url, prefix, tmp_path):
     """DATA_DIR remounted read-only under the running web: a submission gets
     503 ``storage_unavailable`` (nothing stored), ``/readyz`` is not ready,
-    and an earlier job's page, image and thumbnail still answer 200 (the
-    thumbnail is served without being cached). Writable again: accepted."""
+    and earlier jobs' pages, images and thumbnails still answer 200 (the
+    thumbnail and a TIFF's PNG rendition are served without being stored). Writable again: accepted."""
     import requests
 
     with tmpfs(tmp_path / "store", "8m") as store:
@@ -307,6 +307,13 @@ def test_read_only_disk_is_503_json_and_pages_still_work(start_gunicorn, redis_u
         first = post_job(web.base_url, png(seed=3))
         assert first.status_code == 202, first.text
         job_id = first.json()["id"]
+        tiff = io.BytesIO()  # not shown by browsers as is: its image view is a PNG rendition
+        from PIL import Image
+
+        Image.new("RGB", (80, 60), (10, 200, 30)).save(tiff, "TIFF")
+        second = post_job(web.base_url, tiff.getvalue(), name="x.tif")
+        assert second.status_code == 202, second.text
+        tiff_id = second.json()["id"]
         before = files_under(data_dir)
 
         remount(store, "ro")
@@ -317,11 +324,13 @@ def test_read_only_disk_is_503_json_and_pages_still_work(start_gunicorn, redis_u
             assert ready.status_code == 503
             assert ready.json()["checks"]["storage"] == "error" and ready.json()["failed"] == ["storage"]
             for path in (f"/jobs/{job_id}", f"/jobs/{job_id}/image", f"/jobs/{job_id}/thumbnail",
-                         f"/api/v1/jobs/{job_id}"):
+                         f"/api/v1/jobs/{job_id}", f"/jobs/{tiff_id}/image", f"/jobs/{tiff_id}/thumbnail"):
                 response = requests.get(f"{web.base_url}{path}", timeout=10)
                 assert response.status_code == 200, (path, response.status_code, response.text[:300])
             assert requests.get(f"{web.base_url}/jobs/{job_id}/thumbnail", timeout=10).headers[
                 "Content-Type"] == "image/jpeg"
+            assert requests.get(f"{web.base_url}/jobs/{tiff_id}/image", timeout=10).headers[
+                "Content-Type"] == "image/png"
             assert files_under(data_dir) == before
         finally:
             remount(store, "rw")
