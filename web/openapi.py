@@ -268,6 +268,32 @@ _WORKER = {
     },
 }
 
+_USAGE = {
+    "type": "object",
+    "description": "An owner's quota usage and limits (the token's name; `default` without "
+                   "tokens).",
+    "required": ["owner", "active_jobs", "max_active_jobs", "work_last_hour", "work_budget",
+                 "work_left", "next_refill_at", "max_iterations"],
+    "properties": {
+        "owner": {"type": "string"},
+        "active_jobs": {"type": "integer", "minimum": 0,
+                        "description": "Queued and running jobs."},
+        "max_active_jobs": {"type": "integer", "minimum": 1,
+                            "description": "`EBB_MAX_QUEUED_PER_OWNER` (default 20)."},
+        "work_last_hour": {"type": "integer", "minimum": 0,
+                           "description": "Mask-iterations (targets x iterations x areas) of the "
+                                          "jobs accepted in the last hour."},
+        "work_budget": _nullable({"type": "integer", "minimum": 1,
+                                  "description": "`EBB_WORK_BUDGET` per hour; null: none."}),
+        "work_left": _nullable({"type": "integer", "minimum": 0}),
+        "next_refill_at": _nullable({"type": "string", "format": "date-time",
+                                     "description": "When the oldest job of the last hour "
+                                                    "leaves the window."}),
+        "max_iterations": {"type": "integer", "minimum": 1,
+                           "description": "`EBB_MAX_ITERATIONS` (default 2000)."},
+    },
+}
+
 _JOB = {
     "type": "object",
     "required": [
@@ -376,7 +402,7 @@ _JOB = {
         "worker": _nullable({"type": "string"}),
         "timings": _nullable({"type": "object", "additionalProperties": True}),
         "cancel_requested": {"type": "boolean"},
-        "usage": {"$ref": "#/components/schemas/Usage"},
+        "usage": _USAGE,
         "image": {
             "type": "object",
             "properties": {
@@ -398,32 +424,6 @@ _JOB = {
             },
             "required": ["self", "page"],
         },
-    },
-}
-
-_USAGE = {
-    "type": "object",
-    "description": "An owner's quota usage and limits (the token's name; `default` without "
-                   "tokens).",
-    "required": ["owner", "active_jobs", "max_active_jobs", "work_last_hour", "work_budget",
-                 "work_left", "next_refill_at", "max_iterations"],
-    "properties": {
-        "owner": {"type": "string"},
-        "active_jobs": {"type": "integer", "minimum": 0,
-                        "description": "Queued and running jobs."},
-        "max_active_jobs": {"type": "integer", "minimum": 1,
-                            "description": "`EBB_MAX_QUEUED_PER_OWNER` (default 20)."},
-        "work_last_hour": {"type": "integer", "minimum": 0,
-                           "description": "Mask-iterations (targets x iterations x areas) of the "
-                                          "jobs accepted in the last hour."},
-        "work_budget": _nullable({"type": "integer", "minimum": 1,
-                                  "description": "`EBB_WORK_BUDGET` per hour; null: none."}),
-        "work_left": _nullable({"type": "integer", "minimum": 0}),
-        "next_refill_at": _nullable({"type": "string", "format": "date-time",
-                                     "description": "When the oldest job of the last hour "
-                                                    "leaves the window."}),
-        "max_iterations": {"type": "integer", "minimum": 1,
-                           "description": "`EBB_MAX_ITERATIONS` (default 2000)."},
     },
 }
 
