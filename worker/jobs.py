@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session
 
 from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
 from shared.db.session import retrying, session_factory
-from shared.storage import parse_job_id
+from shared.storage import StorageUnavailable, _retry, parse_job_id, preview_key
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,8 @@ class Claim:
     #: Several targets: the class indices asked for, or the k most probable.
     targets: tuple[int, ...] | None = None
     top_k: int | None = None
+    #: The web's ``shared.reuse.request_key`` of the submission (None: not reusable).
+    request_key: str | None = None
 
 
 def _write(session: Session, fn: Callable[[], Any], attempts: int = 8) -> Any:
@@ -177,6 +179,7 @@ def _claim(session: Session, job_id: uuid.UUID, runtime, hostname: str) -> Claim
         model=job.model,
         targets=tuple(int(t) for t in job.targets) if isinstance(job.targets, list) and job.targets else None,
         top_k=int(job.top_k) if job.top_k else None,
+        request_key=job.reuse_key,
     )
 
 
@@ -273,7 +276,8 @@ class PreviewWriter:
         scale = min(1.0, PREVIEW_SIZE / max(h, w))
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         self.image = pixels if scale == 1.0 else _cv2().resize(pixels, size, interpolation=_cv2().INTER_AREA)
-        self.path = storage.preview_path(job_id)
+        self.storage = storage
+        self.key = preview_key(job_id)
         self._last = float("-inf")
         self.writes = 0
         self.seconds = 0.0
@@ -288,10 +292,9 @@ class PreviewWriter:
             import numpy as np
 
             from shared.imaging.render import encode_png, overlay
-            from shared.storage import atomic_write
 
             data = encode_png(overlay(self.image, 1.0 - np.clip(saliency(), 0.0, 1.0)))
-            atomic_write(self.path, data)
+            self.storage.put(self.key, data, "image/png")
             self.writes += 1
         except Exception as error:  # noqa: BLE001 - a preview is best effort
             log.warning("live preview not written: %s", one_line(error))
@@ -300,8 +303,8 @@ class PreviewWriter:
     @staticmethod
     def remove_for(storage, job_id: uuid.UUID) -> None:
         try:
-            storage.preview_path(job_id).unlink(missing_ok=True)
-        except (OSError, ValueError):
+            storage.delete(preview_key(job_id))
+        except (OSError, ValueError, StorageUnavailable):
             pass
 
 
@@ -405,13 +408,33 @@ def _decode(runtime, claim: Claim):
     from shared.imaging.decode import ImageDecodeError, decode_image
 
     try:
-        data = runtime.storage.read_upload(claim.image_sha256)
+        data = _retry(lambda: runtime.storage.read_upload(claim.image_sha256),
+                      _storage_retries(runtime), "reading the upload")
     except (FileNotFoundError, ValueError):
         raise JobError(f"the uploaded image is missing (sha256 {claim.image_sha256[:12]}…)") from None
+    except StorageUnavailable as error:
+        raise JobError(f"could not read the uploaded image from the store: {error}") from None
     try:
         return decode_image(data)
     except ImageDecodeError as error:
         raise JobError(f"could not decode the image: {error}") from None
+
+
+def _storage_retries(runtime) -> int:
+    settings = getattr(runtime, "settings", None)
+    return int(getattr(settings, "storage_retries", 6) or 1)
+
+
+def _committed_reuse_key(claim: Claim, runtime) -> str | None:
+    """The reuse key to store with a succeeded job: its request key combined
+    with this worker's arithmetic settings; None when not reproducible."""
+    from shared import reuse
+
+    settings = getattr(runtime, "settings", None)
+    arithmetic = tuple(getattr(settings, "arithmetic", ()) or ())
+    if not claim.request_key or not reuse.reproducible(arithmetic):
+        return None
+    return reuse.reuse_key(claim.request_key, arithmetic)
 
 
 def _config(claim: Claim):
@@ -660,11 +683,21 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
                 "area_masks": getattr(e, "area_masks", None)}
 
     saving = time.perf_counter()
-    save_artifacts(
-        runtime.storage.job_dir(claim.job_id), decoded.pixels, explanation,
-        **extras(explanation, evaluations[0]),
-        results=[{"explanation": e, **extras(e, ev)} for e, ev in zip(explanations[1:], evaluations[1:])],
-    )
+
+    def render(folder):
+        save_artifacts(
+            folder, decoded.pixels, explanation,
+            **extras(explanation, evaluations[0]),
+            results=[{"explanation": e, **extras(e, ev)} for e, ev in zip(explanations[1:], evaluations[1:])],
+        )
+
+    # Every object is written (a fresh per-attempt prefix on S3) before the row
+    # names it: the update below is the commit point.
+    try:
+        artifacts_key = runtime.storage.write_artifacts(claim.job_id, claim.attempt, render,
+                                                        retries=_storage_retries(runtime))
+    except StorageUnavailable as error:
+        raise JobError(f"could not write the artifacts to the store: {error}") from None
     timings["save_s"] = time.perf_counter() - saving
     timings["live_score_s"] = progress.live_seconds
     if preview is not None:
@@ -683,9 +716,16 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
         timings=timings,
         results=results,
         error=None,
+        artifacts_key=artifacts_key,
+        reuse_key=_committed_reuse_key(claim, runtime),
         **common,
     )
     if not ok:
+        if runtime.storage.kind != "file":  # this attempt's own prefix; never the committed one
+            try:
+                runtime.storage.delete_prefix(artifacts_key)
+            except (StorageUnavailable, OSError):
+                pass  # the sweeper removes it later
         raise Superseded()
     log.debug("job %s: %d target(s), score %.3f -> %.3f", claim.job_id, len(explanations),
               explanation.score_before, explanation.score_after)
