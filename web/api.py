@@ -150,7 +150,8 @@ def _stream_object(storage, key: str, info, mimetype: str, download: bool, downl
     start = stop = None
     status = 200
     ranges = request.range
-    if ranges is not None and (not request.if_range or request.if_range.etag == etag):
+    if_range = request.if_range  # a Range applies unless If-Range names another version
+    if ranges is not None and ((if_range.etag is None and if_range.date is None) or if_range.etag == etag):
         span = ranges.range_for_length(info.size)
         if span is None:
             headers["Content-Range"] = f"bytes */{info.size}"

@@ -445,24 +445,37 @@ def test_worker_killed_mid_job_the_job_succeeds_after_restart(machines, image_by
     assert requests.get(web.base_url + job["artifacts"]["mask_npy"], timeout=30).status_code == 200
 
 
-def test_the_sweeper_removes_leftovers_of_killed_attempts_only(machines):
+def test_the_sweeper_removes_leftovers_of_killed_attempts_only(machines, monkeypatch):
     from shared import settings as settings_mod
     from shared.storage import open_storage
     from worker.store_sweep import sweep_store
 
+    for name, value in machines.store_env().items():  # boto3 reads the credentials from the env
+        monkeypatch.setenv(name, value)
     env = {**machines.store_env(), "DATA_DIR": str(machines.base / "sweeper"), "DATABASE_URL": machines.database_url}
     storage = open_storage(settings_mod.load(env))
+    dead, kept = uuid.uuid4(), uuid.uuid4()
+    storage.put(f"jobs/{dead}/a1-deadbeef/mask.png", b"half", "image/png")
+    storage.put(f"jobs/{dead}/a1-deadbeef/results/1/mask.png", b"half", "image/png")
+    storage.put(f"jobs/{kept}/a2-cafecafe/mask.png", b"whole", "image/png")
+    _insert_succeeded(machines.database_url, kept, artifacts_key=f"jobs/{kept}/a2-cafecafe")
     committed = [machines.job_row(str(j)).artifacts_key for j in _succeeded_ids(machines)]
-    assert committed
-    job_id = uuid.uuid4()
-    storage.put(f"jobs/{job_id}/a1-deadbeef/mask.png", b"half", "image/png")
-    storage.put(f"jobs/{job_id}/a1-deadbeef/results/1/mask.png", b"half", "image/png")
     assert sweep_store(storage, machines.database_url, older_than_s=3600) == []  # too young
     removed = sweep_store(storage, machines.database_url, older_than_s=0)
-    assert [r for r in removed if r.startswith("jobs/")] == [f"jobs/{job_id}/a1-deadbeef"]
-    assert machines.store.keys(f"jobs/{job_id}/") == []
+    assert [r for r in removed if r.startswith("jobs/")] == [f"jobs/{dead}/a1-deadbeef"]
+    assert machines.store.keys(f"jobs/{dead}/") == []
     for key in committed:  # what rows point at stays
         assert machines.store.keys(key + "/"), key
+
+
+def _insert_succeeded(database_url: str, job_id: uuid.UUID, **columns: Any) -> None:
+    from shared.db.models import Job, JobStatus, utcnow
+    from shared.db.session import session_scope
+
+    with session_scope(database_url) as session:
+        session.add(Job(id=job_id, status=JobStatus.SUCCEEDED.value, model=TEST_MODEL, config={},
+                        image_sha256="0" * 64, image_width=1, image_height=1, created_at=utcnow(),
+                        finished_at=utcnow(), **columns))
 
 
 def _succeeded_ids(machines: TwoMachines) -> list[uuid.UUID]:
