@@ -118,7 +118,7 @@ class SeaweedServer:
                     raise AssertionError(f"weed did not start:\n{self.tail()}") from None
                 time.sleep(0.3)
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
+    def stop(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, sig)
