@@ -427,12 +427,16 @@ def _storage_retries(runtime) -> int:
 
 def _committed_reuse_key(claim: Claim, runtime) -> str | None:
     """The reuse key to store with a succeeded job: its request key combined
-    with this worker's arithmetic settings; None when not reproducible."""
+    with this worker's arithmetic settings; None when its result is not
+    bit-for-bit reproducible (``EBB_REPRODUCIBLE=0``, or an extremal job:
+    equal only within float rounding, see the README)."""
     from shared import reuse
 
     settings = getattr(runtime, "settings", None)
     arithmetic = tuple(getattr(settings, "arithmetic", ()) or ())
     if not claim.request_key or not reuse.reproducible(arithmetic):
+        return None
+    if claim.config.get("method") == "extremal":
         return None
     return reuse.reuse_key(claim.request_key, arithmetic)
 

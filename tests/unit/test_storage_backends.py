@@ -164,6 +164,41 @@ def test_a_job_whose_artifacts_cannot_be_stored_fails_with_a_readable_message(tm
                              "after 6 attempts: object store unreachable")
 
 
+@pytest.mark.parametrize("env, method, reusable", [
+    ({}, "meaningful_perturbation", True),
+    ({"EBB_REPRODUCIBLE": "0"}, "meaningful_perturbation", False),  # not the fixed layout
+    ({}, "extremal", False),  # equal only within float rounding
+])
+def test_the_worker_commits_artifacts_key_and_reuse_key(tmp_path, tiny, env, method, reusable):
+    from shared.attribution.config import PerturbationConfig
+    from shared.db.migrations import upgrade_database
+    from shared.db.models import Job, utcnow
+    from shared.db.session import session_scope
+    from worker.jobs import run_job
+    from worker.runtime import Runtime
+
+    url = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
+    upgrade_database(url)
+    settings = settings_mod.load({"DATA_DIR": str(tmp_path / "data"), "DATABASE_URL": url, "EBB_MODEL": "tiny",
+                                  **env})
+    runtime = Runtime(model_name="tiny", classifier=tiny, device="cpu", settings=settings,
+                      storage=Storage(settings.data_dir), hostname="tiny.cpu@test")
+    config = PerturbationConfig(iterations=4, input_size=64, mask_size=8, method=method, areas=(0.2,))
+    job_id, request = uuid.uuid4(), "r" * 64
+    with session_scope(url) as s:
+        s.add(Job(id=job_id, status="queued", model="tiny", config=config.to_dict(),
+                  image_sha256=runtime.storage.save_upload(image_bytes("PNG", (40, 32))), image_width=40,
+                  image_height=32, image_filename="x.png", progress_total=4, created_at=utcnow(),
+                  reuse_key=request))
+    assert run_job(job_id, runtime) == "succeeded"
+    with session_scope(url) as s:
+        job = s.get(Job, job_id)
+        assert job.artifacts_key == f"jobs/{job_id}"
+        assert runtime.storage.exists(f"{job.artifacts_key}/mask.npy")
+        expected = reuse.reuse_key(request, settings.arithmetic) if reusable else None
+        assert job.reuse_key == expected
+
+
 # --------------------------------------------------------------------------- the reuse key
 
 
