@@ -27,7 +27,8 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    """200 when the database answers ``SELECT 1`` and Redis answers PING, else 503.
+    """200 when the database answers ``SELECT 1`` and Redis answers PING (and,
+    with an S3 store, its bucket answers: ``checks.object_store``), else 503.
 
     The body also counts the live workers per model (``workers``); a model
     without a worker does not make the web unready: jobs wait for one.
@@ -53,6 +54,16 @@ def readyz():
     except Exception as exc:  # noqa: BLE001
         log.warning("readyz: redis unreachable: %s", exc)
         checks["redis"] = f"error: {type(exc).__name__}"
+    storage = state().storage
+    if storage.kind != "file":  # STORAGE_URL=s3://...: the bucket must answer
+        from shared.storage import StorageUnavailable
+
+        try:
+            storage.check()
+            checks["object_store"] = "ok"
+        except StorageUnavailable as exc:
+            log.warning("readyz: object store unavailable: %s", exc)
+            checks["object_store"] = "error: StorageUnavailable"
     failed = [name for name, result in checks.items() if result != "ok"]
     body = {"status": "ready" if not failed else "unavailable", "checks": checks}
     # Informational, never a failure: workers may join later (the web itself is ready).

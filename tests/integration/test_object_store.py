@@ -385,6 +385,8 @@ def test_presigned_urls_redirect_to_the_store(machines, image_bytes):
 
 
 def test_store_down_on_submit_is_a_503_and_nothing_is_stored(machines, image_bytes):
+    import requests
+
     web = machines.webs[0]
     image = other_image(image_bytes, 3)
     jobs_before, uploads_before = machines.count_jobs(), machines.store.keys("uploads/")
@@ -397,8 +399,11 @@ def test_store_down_on_submit_is_a_503_and_nothing_is_stored(machines, image_byt
         assert error["code"] == "storage_unavailable"
         assert "nothing was stored" in error["message"]
         assert time.monotonic() - started < 30
+        ready = requests.get(f"{web.base_url}/readyz", timeout=30)
+        assert ready.status_code == 503 and ready.json()["checks"]["object_store"].startswith("error")
     finally:
         machines.store.start()
+    assert requests.get(f"{web.base_url}/readyz", timeout=30).json()["checks"]["object_store"] == "ok"
     assert machines.count_jobs() == jobs_before
     assert machines.store.keys("uploads/") == uploads_before
     # and the same submission goes through once the store is back

@@ -326,3 +326,13 @@ def test_store_down_on_submit_is_a_503_and_nothing_is_stored(tmp_path, monkeypat
     with app.extensions["ebb"].session_factory() as db:
         assert db.scalar(select(func.count()).select_from(Job)) == 0
     assert len(queue_messages(APPS.redis_url, QUEUE)) == before
+    # and the readiness probe says why
+    ready = app.test_client().get("/readyz")
+    assert ready.status_code == 503
+    assert ready.get_json()["checks"]["object_store"] == "error: StorageUnavailable"
+    assert "object_store" in ready.get_json()["failed"]
+
+
+def test_readyz_has_no_object_store_check_on_the_file_store(app):
+    body = app.test_client().get("/readyz").get_json()
+    assert "object_store" not in body["checks"]
