@@ -67,9 +67,10 @@ class Settings:
             env ``EBB_PRESIGNED_URLS`` (``1``/``0``), default off.
         presigned_ttl_s: lifetime of a presigned URL; env ``EBB_PRESIGNED_TTL``,
             default 300 s.
-        storage_retries: attempts of a worker's store write (exponential
-            backoff from 0.5 s, so 6 attempts span ~15 s) before the job fails;
-            env ``EBB_STORAGE_RETRIES``, default 6.
+        storage_retries: attempts of a worker's store read or write
+            (exponential backoff from 0.5 s, at most 8 s apart, so 8 attempts
+            span ~30 s; the job's heartbeat is kept up meanwhile) before the
+            job fails; env ``EBB_STORAGE_RETRIES``, default 8.
         storage_timeout_s: connect timeout of a store request; env
             ``EBB_STORAGE_TIMEOUT``, default 2 s (a submission to a store that is
             down answers 503 within a few seconds).
@@ -131,7 +132,7 @@ class Settings:
     s3_region: str = "us-east-1"
     presigned_urls: bool = False
     presigned_ttl_s: int = 300
-    storage_retries: int = 6
+    storage_retries: int = 8
     storage_timeout_s: float = 2.0
     store_sweep_age_s: float = 3600.0
     reuse: bool = True
@@ -276,7 +277,7 @@ def load(environ: dict[str, str] | None = None) -> Settings:
         s3_region=(env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1").strip(),
         presigned_urls=_flag(env, "EBB_PRESIGNED_URLS", False),
         presigned_ttl_s=max(1, int(env.get("EBB_PRESIGNED_TTL", "300") or 300)),
-        storage_retries=max(1, int(env.get("EBB_STORAGE_RETRIES", "6") or 6)),
+        storage_retries=max(1, int(env.get("EBB_STORAGE_RETRIES", "8") or 8)),
         storage_timeout_s=float(env.get("EBB_STORAGE_TIMEOUT", "2") or 2),
         store_sweep_age_s=float(env.get("EBB_STORE_SWEEP_AGE", "3600") or 3600),
         reuse=_flag(env, "EBB_REUSE", True),

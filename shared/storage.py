@@ -170,7 +170,7 @@ class Storage:
         return {f"{prefix}/{p.relative_to(root).as_posix()}" for p in root.rglob("*") if p.is_file()}
 
     def write_artifacts(self, job_id: uuid.UUID | str, attempt: int, render: Callable[[Path], Any],
-                        retries: int = 1) -> str:
+                        retries: int = 1, on_retry: Callable[[], Any] | None = None) -> str:
         """Let ``render(folder)`` write a job's artifacts (atomically, see
         ``render.save_artifacts``) into ``jobs/<id>``; return that key."""
         render(self.job_dir(job_id))
@@ -242,9 +242,11 @@ class Storage:
 # --------------------------------------------------------------------------- S3
 
 
-def _retry(fn: Callable[[], Any], attempts: int, what: str, first_delay_s: float = 0.5) -> Any:
+def _retry(fn: Callable[[], Any], attempts: int, what: str, first_delay_s: float = 0.5,
+           on_retry: Callable[[], Any] | None = None) -> Any:
     """Run ``fn``; on :class:`StorageUnavailable` retry with exponential backoff
-    (``first_delay_s``, doubling, at most 8 s) ``attempts`` times in all."""
+    (``first_delay_s``, doubling, at most 8 s) ``attempts`` times in all,
+    calling ``on_retry()`` before each pause (e.g. a job heartbeat)."""
     delay = first_delay_s
     for attempt in range(1, attempts + 1):
         try:
@@ -254,6 +256,8 @@ def _retry(fn: Callable[[], Any], attempts: int, what: str, first_delay_s: float
                 raise StorageUnavailable(f"{what} failed after {attempts} attempts: {error}") from None
             log.warning("%s failed (attempt %d of %d, retrying in %.1f s): %s",
                         what, attempt, attempts, delay, error)
+            if on_retry is not None:
+                on_retry()
             time.sleep(delay)
             delay = min(8.0, delay * 2)
 
@@ -412,7 +416,7 @@ class S3Storage:
         return self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=int(ttl_s))
 
     def write_artifacts(self, job_id: uuid.UUID | str, attempt: int, render: Callable[[Path], Any],
-                        retries: int | None = None) -> str:
+                        retries: int | None = None, on_retry: Callable[[], Any] | None = None) -> str:
         """Render a job's artifacts into a private staging folder, upload every
         file under a fresh ``jobs/<id>/<attempt token>/`` (each retried with
         backoff), then return that prefix: the caller commits it to the job row.
@@ -432,7 +436,7 @@ class S3Storage:
                 rel = path.relative_to(out).as_posix()
                 data = path.read_bytes()
                 _retry(lambda: self.put(f"{key}/{rel}", data, content_type_for(path.name)),
-                       attempts, f"upload of {rel}")
+                       attempts, f"upload of {rel}", on_retry=on_retry)
             return key
         except StorageUnavailable:
             try:

@@ -415,12 +415,12 @@ def _finish(session: Session, claim: Claim, *, where: tuple = (), **values: Any)
     return _write(session, write, attempts=12) == 1
 
 
-def _decode(runtime, claim: Claim):
+def _decode(runtime, claim: Claim, on_retry: Callable[[], Any] | None = None):
     from shared.imaging.decode import ImageDecodeError, decode_image
 
     try:
         data = _retry(lambda: runtime.storage.read_upload(claim.image_sha256),
-                      _storage_retries(runtime), "reading the upload")
+                      _storage_retries(runtime), "reading the upload", on_retry=on_retry)
     except (FileNotFoundError, ValueError):
         raise JobError(f"the uploaded image is missing (sha256 {claim.image_sha256[:12]}…)") from None
     except StorageUnavailable as error:
@@ -433,7 +433,17 @@ def _decode(runtime, claim: Claim):
 
 def _storage_retries(runtime) -> int:
     settings = getattr(runtime, "settings", None)
-    return int(getattr(settings, "storage_retries", 6) or 1)
+    return int(getattr(settings, "storage_retries", 8) or 1)
+
+
+def _heartbeat(session: Session, claim: Claim) -> None:
+    """Write the job's heartbeat (between two store retries: the job is alive)."""
+    try:
+        _write(session, lambda: session.execute(
+            update(Job).where(*_owned(claim)).values(heartbeat_at=utcnow())), attempts=2)
+    except Exception as error:  # noqa: BLE001 - best effort
+        session.rollback()
+        log.warning("job %s: heartbeat not written: %s", claim.job_id, one_line(error))
 
 
 def _committed_reuse_key(claim: Claim, runtime) -> str | None:
@@ -720,7 +730,7 @@ def _discard_artifacts(runtime, claim: Claim, key: str | None) -> None:
 
 def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
     started = time.perf_counter()
-    decoded = _decode(runtime, claim)
+    decoded = _decode(runtime, claim, on_retry=lambda: _heartbeat(session, claim))
     config = _config(claim)
     cost, budget_s = _admission(claim, runtime, decoded, config)
     reporter = ProgressReporter(session, claim, runtime.stopping, deadline=time.monotonic() + budget_s)
@@ -802,8 +812,9 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
         # row names it: the update below is the commit point.
         saved = True
         try:
-            artifacts_key = runtime.storage.write_artifacts(claim.job_id, claim.attempt, render,
-                                                            retries=_storage_retries(runtime))
+            artifacts_key = runtime.storage.write_artifacts(
+                claim.job_id, claim.attempt, render, retries=_storage_retries(runtime),
+                on_retry=lambda: _heartbeat(session, claim))
         except StorageUnavailable as error:
             raise JobError(f"could not write the artifacts to the store: {error}") from None
         timings["save_s"] = time.perf_counter() - saving

@@ -178,7 +178,7 @@ class TwoMachines:
     def start_worker(self, name: str) -> WorkerProcess:
         env = worker_env(database_url=self.database_url, redis_url=self.redis.url(), data_dir=self.worker_data,
                          queue_prefix=self.queue_prefix, EBB_HEARTBEAT_TIMEOUT="25", EBB_REAP_INTERVAL="1",
-                         EBB_VISIBILITY_TIMEOUT="40", **self.store_env())
+                         EBB_VISIBILITY_TIMEOUT="40", EBB_STORAGE_RETRIES="10", **self.store_env())
         base = self.base / name
         worker = WorkerProcess(env, base / "worker.log", cwd=base / "cwd",
                                args=["--hostname", f"{name}-{uuid.uuid4().hex[:6]}@%h"])

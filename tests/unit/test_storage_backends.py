@@ -92,7 +92,7 @@ def test_bad_storage_urls_are_start_up_errors(url, tmp_path):
 def test_storage_and_reuse_settings(tmp_path):
     base = {"DATA_DIR": str(tmp_path)}
     s = settings_mod.load(base)
-    assert (s.reuse, s.presigned_urls, s.presigned_ttl_s, s.storage_retries) == (True, False, 300, 6)
+    assert (s.reuse, s.presigned_urls, s.presigned_ttl_s, s.storage_retries) == (True, False, 300, 8)
     s = settings_mod.load({**base, "EBB_REUSE": "0", "EBB_PRESIGNED_URLS": "1", "EBB_PRESIGNED_TTL": "60",
                            "EBB_STORAGE_RETRIES": "2", "EBB_REPRODUCIBLE": "1", "EBB_LAYOUT_WIDTH": "4"})
     assert (s.reuse, s.presigned_urls, s.presigned_ttl_s, s.storage_retries) == (False, True, 60, 2)
@@ -127,9 +127,11 @@ def test_worker_upload_retries_with_backoff_then_gives_up_readably(tmp_path, mon
         (folder / "mask.png").write_bytes(b"png")
 
     started = time.monotonic()
+    beats = []
     with pytest.raises(StorageUnavailable, match=r"upload of mask.png failed after 2 attempts"):
-        store.write_artifacts(uuid.uuid4(), 1, render)
+        store.write_artifacts(uuid.uuid4(), 1, render, on_retry=lambda: beats.append(1))
     assert time.monotonic() - started >= 0.5  # one backoff pause between the two attempts
+    assert beats == [1]  # the job's heartbeat is written before each pause
     assert list((tmp_path / "scratch" / "staging").iterdir()) == []  # the staging copy is gone
 
 
@@ -142,7 +144,7 @@ def test_a_job_whose_artifacts_cannot_be_stored_fails_with_a_readable_message(tm
     from worker.runtime import Runtime
 
     class StoreDownOnWrite(Storage):
-        def write_artifacts(self, job_id, attempt, render, retries=1):
+        def write_artifacts(self, job_id, attempt, render, retries=1, on_retry=None):
             raise StorageUnavailable("upload of mask.npy failed after 6 attempts: object store unreachable")
 
     url = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
