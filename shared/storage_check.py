@@ -4,7 +4,8 @@ Pure checks on a local folder, kept apart from :class:`shared.storage.Storage`
 so that another backend can bring its own. The web calls :func:`check_storage`
 before it accepts an upload and from ``/readyz``; :func:`classify_os_error`
 turns a failed write into the same two kinds of fault; the worker words a job
-that failed for disk space with :func:`disk_full_message`.
+that failed for disk space with :func:`disk_full_message`, and one it
+refuses to start on a (nearly) full disk with :func:`disk_low_message`.
 
 Two kinds of fault (:attr:`StorageFault.kind`):
 
@@ -109,3 +110,9 @@ def disk_full_message(error: BaseException) -> str:
     detail = " ".join(str(error).split())
     return ("The server ran out of disk space while saving this job's results "
             f"({detail}). Please resubmit the job once space is available.")
+
+
+def disk_low_message(free: float, min_free_mb: float) -> str:
+    """The job error for a run refused because ``DATA_DIR`` is (almost) full."""
+    return (f"The server's disk is full ({free:.0f} MiB free, EBB_MIN_FREE_MB={min_free_mb:g} needed), "
+            "so this job was not run. Please resubmit the job once space is available.")

@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
 from shared.db.session import retrying, session_factory
 from shared.storage import StorageUnavailable, _retry, job_key, parse_job_id, preview_key
-from shared.storage_check import disk_full_message, is_disk_full
+from shared.storage_check import disk_full_message, disk_low_message, free_mb, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -728,8 +728,24 @@ def _discard_artifacts(runtime, claim: Claim, key: str | None) -> None:
         log.warning("job %s: could not delete the artifacts of attempt %d", claim.job_id, claim.attempt)
 
 
+def _check_disk(runtime) -> None:
+    """Fail the job at once, rather than after its whole run, when ``DATA_DIR``
+    has less than ``EBB_MIN_FREE_MB`` free (:class:`JobError`, saying to resubmit)."""
+    settings = getattr(runtime, "settings", None)
+    data_dir = getattr(getattr(runtime, "storage", None), "data_dir", None)
+    if settings is None or data_dir is None:
+        return
+    try:
+        free = free_mb(data_dir)
+    except OSError:
+        return  # not there yet: the writes will tell
+    if free < settings.min_free_mb:
+        raise JobError(disk_low_message(free, settings.min_free_mb))
+
+
 def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
     started = time.perf_counter()
+    _check_disk(runtime)
     decoded = _decode(runtime, claim, on_retry=lambda: _heartbeat(session, claim))
     config = _config(claim)
     cost, budget_s = _admission(claim, runtime, decoded, config)

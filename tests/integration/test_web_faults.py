@@ -376,27 +376,42 @@ def test_redis_outage_on_submit_leaves_no_upload(start_redis_server, start_gunic
 @pytest.mark.realmodel
 def test_worker_on_a_full_disk_fails_the_job_with_a_readable_message(start_worker, redis_url, sqlite_url,
                                                                     prefix, tmp_path):
-    """The worker's DATA_DIR fills up before the job's results are saved: the
-    job fails with a message that says so and to resubmit, leaves no partial
-    job folder, and the same image succeeds once space is back."""
+    """A worker whose DATA_DIR (a 24 MiB tmpfs) fills up.
+
+    * Space above ``EBB_MIN_FREE_MB`` (1) but too little for the results of a
+      large image: the write fails with ENOSPC, the job fails saying the
+      server ran out of disk space and to resubmit, no partial folder is left.
+    * Under ``EBB_MIN_FREE_MB``: the job fails at once (no iteration run),
+      saying the disk is full and to resubmit.
+    * Space back: the same image, resubmitted, succeeds.
+    """
     from shared.db.models import JobStatus
 
-    with tmpfs(tmp_path / "store", "16m") as store:
+    config = {"iterations": 8, "input_size": 64, "mask_size": 8}
+    with tmpfs(tmp_path / "store", "24m") as store:
         stack = build_stack(start_worker, database_url=sqlite_url, redis_url=redis_url,
-                            data_dir=store / "data", queue_prefix=prefix, name="worker-full-disk")
-        image = png((96, 96), seed=7)
+                            data_dir=store / "data", queue_prefix=prefix, name="worker-full-disk",
+                            EBB_MIN_FREE_MB="1", EBB_GRADCAM="0")
+        image = png((1400, 1400), seed=7, noise=True)  # ~5.6 MiB; its overlays are as large
         stack.storage.save_upload(image)  # the upload is there; then the disk fills up
-        filler = fill(store)
-        job_id = stack.submit(image, config={"iterations": 8, "input_size": 64, "mask_size": 8})
+        filler = fill(store, leave=3 << 19)  # 1.5 MiB left: over the minimum, under the results
+        job_id = stack.submit(image, config=config)
         job = stack.wait(job_id, timeout=180)
         assert job.status == JobStatus.FAILED.value, (job.status, stack.worker.tail())
         assert "ran out of disk space" in job.error and "resubmit" in job.error, job.error
-        assert "Traceback" not in job.error
+        assert "No space left on device" in job.error and "Traceback" not in job.error
+        assert job.progress_iteration > 0  # it ran, then could not save
         assert files_under(stack.storage.jobs_dir) == [], "a partial job folder was left"
 
         filler.unlink()
-        again = stack.submit(image, config={"iterations": 8, "input_size": 64, "mask_size": 8})
-        done = stack.wait(again, timeout=180)
+        filler = fill(store)
+        early = stack.wait(stack.submit(image, config=config), timeout=180)
+        assert early.status == JobStatus.FAILED.value, (early.status, stack.worker.tail())
+        assert "disk is full" in early.error and "EBB_MIN_FREE_MB=1" in early.error, early.error
+        assert "resubmit" in early.error and early.progress_iteration == 0
+
+        filler.unlink()
+        done = stack.wait(stack.submit(image, config=config), timeout=180)
         assert done.status == JobStatus.SUCCEEDED.value, (done.error, stack.worker.tail())
         stack.worker.terminate()
         stack.worker.stop()

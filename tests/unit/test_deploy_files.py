@@ -86,6 +86,8 @@ def test_web_container_gets_the_threaded_json_worker_and_its_settings():
     assert env["EBB_WEB_TIMEOUT"] == "${EBB_WEB_TIMEOUT:-30}"
     assert env["EBB_WEB_BODY_TIMEOUT"] == "${EBB_WEB_BODY_TIMEOUT:-30}"
     assert env["EBB_MIN_FREE_MB"] == "${EBB_MIN_FREE_MB:-100}"
+    worker = _compose("docker-compose.yml")["services"]["worker-gpu0"]
+    assert worker["environment"]["EBB_MIN_FREE_MB"] == "${EBB_MIN_FREE_MB:-100}"
     from shared.settings import load
 
     defaults = load({})

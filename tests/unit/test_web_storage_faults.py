@@ -27,6 +27,7 @@ from shared.storage_check import (
     check_writable,
     classify_os_error,
     disk_full_message,
+    disk_low_message,
     free_mb,
     is_disk_full,
 )
@@ -109,6 +110,8 @@ def test_is_disk_full_follows_causes():
     assert not is_disk_full(ValueError("x"))
     message = disk_full_message(OSError(errno.ENOSPC, "No space left on device"))
     assert "ran out of disk space" in message and "resubmit" in message
+    low = disk_low_message(12.4, 100)
+    assert "12 MiB free" in low and "EBB_MIN_FREE_MB=100" in low and "resubmit" in low
 
 
 # --------------------------------------------------------------------------- gunicorn's own errors
