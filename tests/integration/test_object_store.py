@@ -384,6 +384,13 @@ def test_presigned_urls_redirect_to_the_store(machines, image_bytes):
     assert missing.status_code == 404
 
 
+def test_the_web_creates_its_bucket_at_start_up(machines):
+    client = machines.store.client()
+    assert "ebb-fresh" not in {b["Name"] for b in client.list_buckets()["Buckets"]}
+    machines.start_web(STORAGE_URL="s3://ebb-fresh/p")  # returns once /healthz answers
+    client.head_bucket(Bucket="ebb-fresh")  # raises if missing
+
+
 def test_store_down_on_submit_is_a_503_and_nothing_is_stored(machines, image_bytes):
     import requests
 
