@@ -79,7 +79,7 @@ def _artifacts_in_use(session: Session, key: str) -> bool:
     column = getattr(Job, "artifacts_key", None)
     if column is None:
         return False
-    conditions = [column == key]
+    conditions = [column == key, column.like(f"{key}/%")]  # the key or a key under it
     if key.startswith("jobs/"):  # rows without artifacts_key use jobs/<id>
         try:
             owner = uuid.UUID(key.split("/")[1])
