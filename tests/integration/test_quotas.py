@@ -128,3 +128,60 @@ def test_work_budget_429_at_exactly_the_budget_and_bad_requests_spend_nothing(st
              what="the last job")
     for job_id in ids:
         assert client.delete(f"/api/v1/jobs/{job_id}").status_code == 204
+
+
+def test_quotas_are_per_owner_and_delete_is_for_the_owner_or_an_admin(stack, monkeypatch):
+    """Two owners and an admin (``EBB_API_TOKENS``): each owner has their own
+    queued cap and work budget; another owner's DELETE is a 404 as for a
+    missing job; the admin may delete anyone's job."""
+    tag = uuid.uuid4().hex[:6]
+    tok_a, tok_b, tok_ops = (f"quota-{n}-{uuid.uuid4().hex}" for n in ("a", "b", "ops"))
+    lab_a, lab_b = f"qa-{tag}", f"qb-{tag}"
+    parked = f"{stack.queue_prefix}-parked-{tag}"  # no worker: jobs stay queued
+    client = _client(stack, monkeypatch, parked, EBB_API_TOKENS=f"{lab_a}:{tok_a},{lab_b}:{tok_b},ops-{tag}:{tok_ops}:admin",
+                     EBB_MAX_QUEUED_PER_OWNER="2", EBB_WORK_BUDGET="24")
+
+    def as_(token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+    def post(token: str, seed: int):
+        data = {**FAST, "image": (io.BytesIO(_png(seed)), "x.png")}
+        return client.post("/api/v1/jobs", data=data, content_type="multipart/form-data", headers=as_(token))
+
+    try:
+        a1, a2 = (post(tok_a, 40 + i) for i in range(2))
+        assert a1.status_code == a2.status_code == 202
+        a1, a2 = a1.get_json()["id"], a2.get_json()["id"]
+        refused = post(tok_a, 42)
+        assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+        assert refused.get_json()["error"]["code"] == "too_many_jobs"
+        assert repr(lab_a) in refused.get_json()["error"]["message"]
+        # lab-b has its own quotas
+        b1 = post(tok_b, 43)
+        assert b1.status_code == 202
+        b1 = b1.get_json()["id"]
+        usage_a = client.get("/api/v1/usage", headers=as_(tok_a)).get_json()
+        usage_b = client.get("/api/v1/usage", headers=as_(tok_b)).get_json()
+        assert (usage_a["owner"], usage_a["active_jobs"], usage_a["work_last_hour"]) == (lab_a, 2, 24)
+        assert (usage_b["owner"], usage_b["active_jobs"], usage_b["work_last_hour"]) == (lab_b, 1, 12)
+        assert client.get(f"/api/v1/jobs/{b1}", headers=as_(tok_b)).get_json()["usage"] == usage_b
+
+        # another owner's DELETE answers as for a missing job, and deletes nothing
+        other = client.delete(f"/api/v1/jobs/{a1}", headers=as_(tok_b))
+        missing = client.delete(f"/api/v1/jobs/{uuid.uuid4()}", headers=as_(tok_b))
+        assert other.status_code == missing.status_code == 404
+        assert client.get(f"/api/v1/jobs/{a1}", headers=as_(tok_a)).status_code == 200
+        # the owner deletes a1: a place frees up, the hour's work stays spent
+        assert client.delete(f"/api/v1/jobs/{a1}", headers=as_(tok_a)).status_code == 204
+        spent = post(tok_a, 44)
+        assert spent.status_code == 429 and spent.get_json()["error"]["code"] == "work_budget_exceeded"
+        assert post(tok_b, 45).status_code == 202  # lab-b: 24 of its 24
+        # the admin deletes anyone's job
+        assert client.delete(f"/api/v1/jobs/{a2}", headers=as_(tok_ops)).status_code == 204
+        assert client.delete(f"/api/v1/jobs/{b1}", headers=as_(tok_ops)).status_code == 204
+        assert client.get(f"/api/v1/jobs/{b1}", headers=as_(tok_b)).status_code == 404
+    finally:
+        for job in client.get("/api/v1/jobs?limit=100", headers=as_(tok_ops)).get_json()["jobs"]:
+            if job["usage"]["owner"] in (lab_a, lab_b):
+                client.delete(f"/api/v1/jobs/{job['id']}", headers=as_(tok_ops))
+        delete_keys(stack.redis_url, parked)
