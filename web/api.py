@@ -9,6 +9,7 @@ from flask import Blueprint, jsonify, request, send_file, url_for
 from shared.attribution.config import PerturbationConfig
 
 from . import fleet
+from .auth import current_owner, owner_name
 from . import jobs as jobs_svc
 from .db import get_db, state
 from .errors import ApiError
@@ -35,7 +36,7 @@ def create_job():
     except jobs_svc.SubmissionErrors as errors:
         raise errors.first() from None
     db = get_db()
-    job = jobs_svc.submit(db, st.storage, sub)
+    job = jobs_svc.submit(db, st.storage, sub, owner_name())
     body = jobs_svc.job_to_dict(db, st.storage, job)
     response = jsonify(body)
     response.status_code = 202
@@ -62,7 +63,8 @@ def list_jobs():
                            f"limit must be an integer between 1 and {MAX_LIMIT}", field="limit")
     cursor = request.args.get("cursor")
     db = get_db()
-    rows, next_cursor = jobs_svc.list_jobs(db, status=status, limit=limit, cursor=cursor)
+    rows, next_cursor = jobs_svc.list_jobs(db, status=status, limit=limit, cursor=cursor,
+                                             owner=current_owner())
     st = state()
     return jsonify({
         "jobs": [jobs_svc.job_to_dict(db, st.storage, job) for job in rows],
@@ -73,14 +75,14 @@ def list_jobs():
 @bp.get("/jobs/<uuid:job_id>")
 def get_job(job_id: uuid.UUID):
     db = get_db()
-    job = jobs_svc.get_job(db, job_id)
+    job = jobs_svc.get_job(db, job_id, current_owner())
     return jsonify(jobs_svc.job_to_dict(db, state().storage, job))
 
 
 @bp.post("/jobs/<uuid:job_id>/cancel")
 def cancel_job(job_id: uuid.UUID):
     db = get_db()
-    job = jobs_svc.cancel_job(db, job_id)
+    job = jobs_svc.cancel_job(db, job_id, current_owner())
     return jsonify(jobs_svc.job_to_dict(db, state().storage, job))
 
 
@@ -113,7 +115,7 @@ def job_artifact(job_id: uuid.UUID, name: str):
     path = jobs_svc.artifact_file(st.storage, job_id, name)
     if path is None:
         raise _unknown_artifact()
-    job = jobs_svc.get_job(get_db(), job_id)
+    job = jobs_svc.get_job(get_db(), job_id, current_owner())
     return _send_artifact(job, path, name, "")
 
 
@@ -124,7 +126,7 @@ def job_result_artifact(job_id: uuid.UUID, k: int, name: str):
     st = state()
     if name == jobs_svc.PREVIEW or jobs_svc.artifact_file(st.storage, job_id, name) is None:
         raise _unknown_artifact()
-    job = jobs_svc.get_job(get_db(), job_id)
+    job = jobs_svc.get_job(get_db(), job_id, current_owner())
     count = len(jobs_svc.stored_results(job))
     if k != 0 and k >= count:
         raise ApiError(404, "not_found",

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from shared.attribution.config import BLURS, GAMES, MAX_AREAS, METHODS, PERTURBATIONS, PRECISIONS
 from shared.attribution.config import PerturbationConfig
 from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
+from shared.settings import DEFAULT_OWNER
 
 from shared.imaging.render import ARTIFACT_NAMES, EXTRA_ARTIFACT_NAMES, RESULTS_SUBDIR
 
@@ -402,8 +403,8 @@ class QueueUnavailable(Exception):
     pass
 
 
-def create_job(db: Session, storage: Any, sub: Submission) -> Job:
-    """Store the upload, insert the job (status queued) and commit."""
+def create_job(db: Session, storage: Any, sub: Submission, owner: str = DEFAULT_OWNER) -> Job:
+    """Store the upload, insert the job (status queued, owned by ``owner``) and commit."""
     sha = storage.save_upload(sub.data)
     now = utcnow()
     job = Job(
@@ -425,6 +426,7 @@ def create_job(db: Session, storage: Any, sub: Submission) -> Job:
         progress_total=sub.config.iterations * sub.target_count,
         created_at=now,
         enqueued_at=now,
+        owner=owner,
     )
     db.add(job)
     db.commit()
@@ -469,10 +471,10 @@ def enqueue(job: Job) -> None:
         raise QueueUnavailable(str(exc)) from exc
 
 
-def submit(db: Session, storage: Any, sub: Submission) -> Job:
-    """Create and queue a job; on a queue failure remove the row and raise
-    :class:`ApiError` 503 ``queue_unavailable``."""
-    job = create_job(db, storage, sub)
+def submit(db: Session, storage: Any, sub: Submission, owner: str = DEFAULT_OWNER) -> Job:
+    """Create and queue a job owned by ``owner``; on a queue failure remove the
+    row and raise :class:`ApiError` 503 ``queue_unavailable``."""
+    job = create_job(db, storage, sub, owner)
     try:
         enqueue(job)
     except QueueUnavailable:
@@ -498,8 +500,24 @@ def submit(db: Session, storage: Any, sub: Submission) -> Job:
 # --------------------------------------------------------------------------- read
 
 
-def get_job(db: Session, job_id: uuid.UUID) -> Job:
+def visible_to(job: Job | None, owner: Any) -> bool:
+    """Whether ``owner`` (a :class:`web.auth.Owner`, or None in single-user
+    mode) may see ``job``: its own jobs; an admin or single-user mode: all."""
+    if job is None:
+        return False
+    return owner is None or bool(owner.admin) or job.owner == owner.name
+
+
+def get_job_for_owner(db: Session, job_id: uuid.UUID, owner: Any) -> Job | None:
+    """The job if it exists and ``owner`` may see it, else None (another
+    owner's job is indistinguishable from a missing one)."""
     job = db.get(Job, job_id)
+    return job if visible_to(job, owner) else None
+
+
+def get_job(db: Session, job_id: uuid.UUID, owner: Any = None) -> Job:
+    """The job visible to ``owner`` (see :func:`get_job_for_owner`), else 404 ``not_found``."""
+    job = get_job_for_owner(db, job_id, owner)
     if job is None:
         raise ApiError(404, "not_found", f"job {job_id} not found")
     return job
@@ -810,6 +828,7 @@ def job_to_dict(db: Session, storage: Any, job: Job) -> dict[str, Any]:
         "id": str(job.id),
         "status": job.status,
         "model": job.model,
+        "owner": job.owner or DEFAULT_OWNER,
         "target": {"index": job.target_index, "label": job.target_label},
         "targets": targets,
         "top_k": top_k if top_k and top_k > 0 else 1,
@@ -878,10 +897,17 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise ApiError(400, "invalid_cursor", "cursor is not valid", field="cursor") from None
 
 
+def owner_filter(query: Any, owner: Any) -> Any:
+    """``query`` on jobs limited to those ``owner`` may see (all for an admin or None)."""
+    if owner is None or owner.admin:
+        return query
+    return query.where(Job.owner == owner.name)
+
+
 def list_jobs(
-    db: Session, *, status: str | None, limit: int, cursor: str | None
+    db: Session, *, status: str | None, limit: int, cursor: str | None, owner: Any = None
 ) -> tuple[list[Job], str | None]:
-    query = select(Job)
+    query = owner_filter(select(Job), owner)
     if status:
         query = query.where(Job.status == status)
     if cursor is not None:
@@ -900,9 +926,10 @@ def list_jobs(
 # --------------------------------------------------------------------------- cancel
 
 
-def cancel_job(db: Session, job_id: uuid.UUID) -> Job:
-    """Cancel a queued job at once, ask a running one to stop; 409 if terminal."""
-    job = get_job(db, job_id)
+def cancel_job(db: Session, job_id: uuid.UUID, owner: Any = None) -> Job:
+    """Cancel a queued job at once, ask a running one to stop; 409 if terminal;
+    404 if it does not exist or ``owner`` may not see it."""
+    job = get_job(db, job_id, owner)
     now = utcnow()
     result = db.execute(
         update(Job)

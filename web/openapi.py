@@ -276,11 +276,15 @@ _JOB = {
         "results", "warnings", "live", "queue_position", "queue", "current_score", "elapsed_s",
         "eta_s", "attempts",
         "worker", "timings", "image", "links",
+        "owner",
     ],
     "properties": {
         "id": {"type": "string", "format": "uuid"},
         "status": {"type": "string", "enum": list(STATUSES)},
         "model": {"type": "string"},
+        "owner": {"type": "string",
+                  "description": "Name of the API token that submitted the job (`default` for "
+                                 "a bare token and when no tokens are configured)."},
         "target": {
             **_TARGET,
             "description": "Class explained (the primary one when there are several); null "

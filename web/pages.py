@@ -27,6 +27,7 @@ from shared.fleet import interval_s, workers_by_model
 
 from . import charts, fleet
 from . import jobs as jobs_svc
+from .auth import current_owner, owner_name
 from .db import get_db, state
 from .errors import ApiError
 from .forms import JobForm
@@ -143,7 +144,7 @@ def pretty_key(value: str) -> str:
 
 
 def _job_or_404(job_id: uuid.UUID) -> Job:
-    job = get_db().get(Job, job_id)
+    job = jobs_svc.get_job_for_owner(get_db(), job_id, current_owner())
     if job is None:
         abort(404, description="This job does not exist.")
     return job
@@ -213,7 +214,7 @@ def submit():
                 field.errors = list(field.errors) + [message]
         return _render_form(form, 400, ["Please correct the highlighted fields."])
     try:
-        job = jobs_svc.submit(get_db(), st.storage, sub)
+        job = jobs_svc.submit(get_db(), st.storage, sub, owner_name())
     except ApiError as exc:
         return _render_form(form, exc.status, [exc.message])
     return redirect(url_for("pages.job", job_id=job.id), code=303)
@@ -227,12 +228,13 @@ def jobs():
     db = get_db()
     per_page = int(current_app.config.get("JOBS_PER_PAGE", 20))
     page = request.args.get("page", 1, type=int) or 1
-    total = int(db.scalar(select(func.count()).select_from(Job)) or 0)
+    owner = current_owner()
+    total = int(db.scalar(jobs_svc.owner_filter(select(func.count()).select_from(Job), owner)) or 0)
     pages = max(1, math.ceil(total / per_page))
     page = max(1, min(page, pages))
     rows = list(
         db.scalars(
-            select(Job)
+            jobs_svc.owner_filter(select(Job), owner)
             .order_by(Job.created_at.desc(), Job.id.desc())
             .offset((page - 1) * per_page)
             .limit(per_page)
@@ -309,7 +311,7 @@ def job(job_id: uuid.UUID):
 @bp.post("/jobs/<uuid:job_id>/cancel")
 def cancel(job_id: uuid.UUID):
     try:
-        row = jobs_svc.cancel_job(get_db(), job_id)
+        row = jobs_svc.cancel_job(get_db(), job_id, current_owner())
     except ApiError as exc:
         if exc.status == 404:
             abort(404, description="This job does not exist.")
