@@ -124,9 +124,37 @@ def test_single_user_mode_is_unchanged(tmp_path, monkeypatch):
     listed = client.get("/api/v1/jobs").get_json()["jobs"]
     assert [j["id"] for j in listed] == [job["id"]]
     # without auth, uploads keep their long public caching
-    thumb = client.get(f"/jobs/{job['id']}/thumbnail")
-    assert thumb.status_code == 200
-    assert "public" in thumb.headers["Cache-Control"]
+    for path in (f"/jobs/{job['id']}/thumbnail", f"/jobs/{job['id']}/image"):
+        response = client.get(path)
+        assert response.status_code == 200
+        assert {"public", "max-age=86400"} <= {
+            v.strip() for v in response.headers["Cache-Control"].split(",")}, path
+
+
+def test_existing_jobs_belong_to_default_after_the_migration(tmp_path):
+    from sqlalchemy import text
+
+    from shared.db.migrations import upgrade_database
+    from shared.db.session import get_engine
+
+    url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+    upgrade_database(url, "0004")
+    with get_engine(url).begin() as conn:
+        conn.execute(text(
+            "INSERT INTO jobs (id, status, model, config, image_sha256, image_width, image_height, "
+            "image_filename, progress_iteration, progress_total, cancel_requested, created_at, attempts) "
+            "VALUES ('0123456789abcdef0123456789abcdef', 'succeeded', 'm', '{}', 'x', 1, 1, 'f', 0, 1, 0, "
+            "'2024-01-01 00:00:00', 0)"))
+    upgrade_database(url, force=True)
+    with get_engine(url).connect() as conn:
+        assert conn.execute(text("SELECT owner FROM jobs")).scalar_one() == "default"
+
+
+def test_tokens_sharing_a_name_are_one_owner(tmp_path, monkeypatch):
+    client = make_app(tmp_path, monkeypatch,
+                      EBB_API_TOKENS=f"{TOKENS},lab-a:tok-lab-a-rotated").test_client()
+    job = post_job(client, TOK_A)
+    assert client.get(f"/api/v1/jobs/{job['id']}", headers=bearer("tok-lab-a-rotated")).status_code == 200
 
 
 def _finish(app, job_id: str) -> None:
@@ -273,6 +301,19 @@ def test_cli_tokens_create_prints_the_token_once_and_stores_its_hash(tmp_path, c
     assert main(["tokens", "create", "bad name", "--url", url]) == 2
 
 
+def test_cli_tokens_create_uses_database_url(tmp_path, monkeypatch, capsys):
+    from shared.cli import main
+    from shared.db.session import session_factory
+    from shared.tokens import find_token, token_sha256
+
+    url = f"sqlite:///{tmp_path / 'env.sqlite3'}"
+    monkeypatch.setenv("DATABASE_URL", url)
+    assert main(["tokens", "create", "lab-y"]) == 0
+    token = capsys.readouterr().out.strip()
+    with session_factory(url)() as db:
+        assert find_token(db, token_sha256(token)).name == "lab-y"
+
+
 # --------------------------------------------------------------------------- sessions
 
 
@@ -323,6 +364,10 @@ def test_failed_bearer_tokens_are_locked_out_per_address(client):
     from web.auth import FAILURE_LIMIT
 
     here = {"REMOTE_ADDR": "198.51.100.7"}
+    browser = client.application.test_client()
+    page = browser.get("/login", environ_base=here)
+    assert browser.post("/login", data={"csrf_token": csrf_from(page.get_data(as_text=True)),
+                                        "token": TOK_B}, environ_base=here).status_code == 303
     for i in range(FAILURE_LIMIT):
         response = client.get("/api/v1/jobs", headers=bearer(f"guess-{i}"), environ_base=here)
         assert response.status_code == 401
@@ -337,7 +382,8 @@ def test_failed_bearer_tokens_are_locked_out_per_address(client):
     refused = client.post("/login", data={"csrf_token": csrf_from(page.get_data(as_text=True)),
                                           "token": TOK_A}, environ_base=here)
     assert refused.status_code == 429 and refused.headers["Retry-After"]
-    # another address is unaffected
+    # a session logged in before is unaffected, and so is another address
+    assert browser.get("/api/v1/jobs", environ_base=here).status_code == 200
     other = {"REMOTE_ADDR": "198.51.100.8"}
     assert client.get("/api/v1/jobs", headers=bearer(TOK_A), environ_base=other).status_code == 200
 
