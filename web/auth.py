@@ -63,6 +63,7 @@ from flask import (
     url_for,
 )
 from flask_wtf import FlaskForm
+from sqlalchemy import delete
 from wtforms import HiddenField, PasswordField
 
 from shared.settings import DEFAULT_OWNER, parse_api_tokens
@@ -115,22 +116,34 @@ def env_tokens() -> tuple[tuple[str, Owner], ...]:
     return _env_entries(tuple(state().settings.api_tokens))
 
 
+def _db_call(fn):
+    """``fn()``, a 503 ``service_unavailable`` (never a 500) when the database fails."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return fn()
+    except SQLAlchemyError:
+        log.warning("authentication: the database is unavailable", exc_info=True)
+        try:
+            get_db().rollback()
+        except Exception:  # noqa: BLE001
+            pass
+        raise ApiError(503, "service_unavailable",
+                       "The database is unavailable right now. Please retry later.") from None
+
+
 def _db_tokens_exist() -> bool:
     """Whether ``ebb tokens create`` made any token (cached a few seconds per app)."""
     cache = current_app.extensions.setdefault("ebb_db_tokens", {"at": -1e9, "value": False})
     now = time.monotonic()
     if now - cache["at"] > DB_TOKENS_CACHE_S:
-        from sqlalchemy.exc import SQLAlchemyError
-
         from shared.tokens import any_tokens
 
-        try:
+        def read() -> bool:
             with state().session_factory() as db:
-                cache["value"] = any_tokens(db)
-        except SQLAlchemyError:
-            log.warning("cannot read the api_tokens table", exc_info=True)
-            raise ApiError(503, "service_unavailable",
-                           "The database is unavailable right now. Please retry later.") from None
+                return any_tokens(db)
+
+        cache["value"] = _db_call(read)
         cache["at"] = now
     return bool(cache["value"])
 
@@ -153,7 +166,7 @@ def owner_for_hash(digest: str) -> Owner | None:
         return found
     from shared.tokens import find_token
 
-    row = find_token(get_db(), digest)
+    row = _db_call(lambda: find_token(get_db(), digest))
     return Owner(row.name, bool(row.admin)) if row is not None else None
 
 
@@ -208,9 +221,16 @@ def start_session(token: str) -> None:
     session_id = secrets.token_urlsafe(32)
     now = _utcnow()
     db = get_db()
-    db.add(LoginSession(id_sha256=_sha256(session_id), token_sha256=_sha256(token), created_at=now,
-                        expires_at=now + timedelta(hours=state().settings.session_hours)))
-    db.commit()
+
+    def store() -> None:
+        # expired sessions are of no use any more: drop them as new ones start
+        db.execute(delete(LoginSession).where(LoginSession.expires_at < now))
+        db.add(LoginSession(id_sha256=_sha256(session_id), token_sha256=_sha256(token),
+                            created_at=now,
+                            expires_at=now + timedelta(hours=state().settings.session_hours)))
+        db.commit()
+
+    _db_call(store)
     session.clear()  # a fresh session: no fixation
     session.permanent = True
     session[SESSION_KEY] = session_id
@@ -222,7 +242,7 @@ def _session_row():
     stored = session.get(SESSION_KEY)
     if not isinstance(stored, str) or not stored or len(stored) > 200:
         return None
-    row = get_db().get(LoginSession, _sha256(stored))
+    row = _db_call(lambda: get_db().get(LoginSession, _sha256(stored)))
     if row is None or row.revoked_at is not None or _as_utc(row.expires_at) <= _utcnow():
         return None
     return row
@@ -238,7 +258,7 @@ def end_session() -> None:
     row = _session_row()
     if row is not None:
         row.revoked_at = _utcnow()
-        get_db().commit()
+        _db_call(get_db().commit)
     session.clear()
 
 

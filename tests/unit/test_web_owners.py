@@ -416,3 +416,23 @@ def test_user_content_is_private_no_store_with_auth(app, client):
             assert "Expires" not in response.headers, path
             assert {"Authorization", "Cookie"} <= {
                 v.strip() for v in response.headers["Vary"].split(",")}, path
+
+
+# --------------------------------------------------------------------------- database down
+
+
+def test_database_down_is_a_503_never_a_500(tmp_path, monkeypatch):
+    from web import create_app
+
+    APPS.make(tmp_path, monkeypatch, clear=("EBB_API_TOKENS",))  # env of a test app
+    monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5999/nope"
+                                       "?connect_timeout=1")
+    for tokens in (TOKENS, ""):
+        monkeypatch.setenv("EBB_API_TOKENS", tokens)
+        client = create_app({"TESTING": True, "EBB_MIGRATE": False}).test_client()
+        # a token that is not in EBB_API_TOKENS needs the database (api_tokens)
+        response = client.get("/api/v1/jobs", headers=bearer("not-an-env-token"),
+                              environ_base={"REMOTE_ADDR": "198.51.100.30"})
+        assert response.status_code == 503, response.get_data(as_text=True)
+        assert response.get_json()["error"]["code"] == "service_unavailable"
+        assert client.get("/healthz").status_code == 200
