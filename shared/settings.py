@@ -66,6 +66,17 @@ class Settings:
         trusted_proxies: number of reverse proxies in front of the web app
             whose ``X-Forwarded-*`` headers are trusted (werkzeug ``ProxyFix``);
             env ``EBB_TRUSTED_PROXIES``, default 0 (the headers are ignored).
+        web_threads: threads per gunicorn worker process (the
+            :class:`web.gunicorn_worker.JsonThreadWorker`); env
+            ``EBB_WEB_THREADS``, default 16.
+        web_timeout: gunicorn's worker ``timeout`` in seconds (a worker
+            silent that long is restarted); env ``EBB_WEB_TIMEOUT``, default 30.
+        web_body_timeout: seconds a client has to send a whole request
+            (headers and body) once it started; slower ones get a JSON 408;
+            env ``EBB_WEB_BODY_TIMEOUT``, default 30.
+        min_free_mb: free space (MiB) ``data_dir`` must keep for an upload to
+            be accepted (else 507 ``insufficient_storage``) and for ``/readyz``
+            to say ready; env ``EBB_MIN_FREE_MB``, default 100.
         max_job_memory: admission limit on a job's estimated memory in bytes
             (:mod:`shared.cost`); env ``EBB_MAX_JOB_MEMORY`` (``4GiB``,
             ``512MiB``, ``2GB`` or bytes), default 4 GiB.
@@ -101,6 +112,10 @@ class Settings:
     rate_limit: str = DEFAULT_RATE_LIMIT
     rate_limit_prefix: str = "explain-ratelimit"
     trusted_proxies: int = 0
+    web_threads: int = 16
+    web_timeout: float = 30.0
+    web_body_timeout: float = 30.0
+    min_free_mb: float = 100.0
     max_job_memory: int = DEFAULT_MAX_JOB_MEMORY
     max_job_work: int = DEFAULT_MAX_JOB_WORK
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -183,6 +198,21 @@ def _rate_limit(value: str | None) -> str:
     return "" if value.lower() in _RATE_LIMIT_OFF else value
 
 
+def _number(env, name: str, default: float, minimum: float, cast=float):
+    """``env[name]`` as ``cast`` (``default`` when unset or blank); ``ValueError``
+    naming the variable when it is not a number or is below ``minimum``."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return cast(default)
+    try:
+        value = cast(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if not value >= minimum:  # also rejects NaN
+        raise ValueError(f"{name} must be at least {minimum:g}, got {raw!r}")
+    return value
+
+
 def _positive_int(env, name: str, default: int) -> int:
     raw = str(env.get(name) or "").strip()
     if not raw:
@@ -251,6 +281,10 @@ def load(environ: dict[str, str] | None = None) -> Settings:
         rate_limit_prefix=(env.get("EBB_RATE_LIMIT_PREFIX") or "").strip()
         or f"{env.get('EBB_QUEUE_PREFIX') or 'explain'}-ratelimit",
         trusted_proxies=int(env.get("EBB_TRUSTED_PROXIES", "0") or 0),
+        web_threads=_number(env, "EBB_WEB_THREADS", 16, 1, int),
+        web_timeout=_number(env, "EBB_WEB_TIMEOUT", 30.0, 1.0),
+        web_body_timeout=_number(env, "EBB_WEB_BODY_TIMEOUT", 30.0, 0.1),
+        min_free_mb=_number(env, "EBB_MIN_FREE_MB", 100.0, 0.0),
         max_job_memory=_bytes(env, "EBB_MAX_JOB_MEMORY", DEFAULT_MAX_JOB_MEMORY) or DEFAULT_MAX_JOB_MEMORY,
         max_job_work=_positive_int(env, "EBB_MAX_JOB_WORK", DEFAULT_MAX_JOB_WORK),
         max_pixels=_positive_int(env, "EBB_MAX_PIXELS", DEFAULT_MAX_PIXELS),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import math
@@ -27,8 +28,8 @@ from shared.attribution.config import BLURS, GAMES, MAX_AREAS, METHODS, PERTURBA
 from shared.attribution.config import PerturbationConfig
 from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
 from shared.settings import DEFAULT_OWNER
-
 from shared.imaging.render import ARTIFACT_NAMES, EXTRA_ARTIFACT_NAMES, RESULTS_SUBDIR
+from shared.storage_check import FULL, StorageFault, check_storage, classify_os_error
 
 from .errors import ApiError
 from .fleet import queue_info, scoring_estimate_s
@@ -403,9 +404,69 @@ class QueueUnavailable(Exception):
     pass
 
 
-def create_job(db: Session, storage: Any, sub: Submission, owner: str = DEFAULT_OWNER) -> Job:
-    """Store the upload, insert the job (status queued, owned by ``owner``) and commit."""
-    sha = storage.save_upload(sub.data)
+def storage_error(fault: StorageFault) -> ApiError:
+    """The API error for a data store that cannot take an upload: 507
+    ``insufficient_storage`` when it is full, else 503 ``storage_unavailable``."""
+    if fault.kind == FULL:
+        return ApiError(507, "insufficient_storage", fault.message)
+    return ApiError(503, "storage_unavailable", fault.message)
+
+
+def check_store(storage: Any, min_free_mb: float) -> None:
+    """:func:`shared.storage_check.check_storage` on the upload folder, as an
+    :class:`ApiError` (507/503). A store without a local folder is not checked here."""
+    folder = getattr(storage, "uploads_dir", None)
+    if folder is None:
+        return
+    try:
+        check_storage(folder, min_free_mb)
+    except StorageFault as fault:
+        log.warning("upload refused: %s", fault.message)
+        raise storage_error(fault) from None
+
+
+def store_upload(storage: Any, data: bytes, min_free_mb: float) -> tuple[str, bool]:
+    """Check the store, then save ``data``; return ``(sha256, created)`` where
+    ``created`` says the file was not there before (so it may be removed again).
+    A failed write leaves nothing behind and raises :class:`ApiError` 507/503."""
+    check_store(storage, min_free_mb)
+    sha = hashlib.sha256(data).hexdigest()
+    path = storage.upload_path(sha)
+    existed = path.is_file()
+    try:
+        return storage.save_upload(data), not existed
+    except OSError as exc:  # atomic_write removed its temporary file
+        fault = classify_os_error(exc)
+        log.warning("upload refused: %s (%s)", fault.message, exc)
+        raise storage_error(fault) from None
+
+
+def discard_upload(db: Session, storage: Any, sha: str) -> None:
+    """Remove upload ``sha`` unless a job still refers to it (best effort)."""
+    try:
+        if db.scalar(select(func.count()).select_from(Job).where(Job.image_sha256 == sha)):
+            return
+        storage.upload_path(sha).unlink(missing_ok=True)
+    except Exception:  # noqa: BLE001 - never hide the error being answered
+        db.rollback()
+        log.warning("could not remove the upload %s of an unqueued job", sha, exc_info=True)
+
+
+def create_job(db: Session, storage: Any, sub: Submission, min_free_mb: float = 0.0,
+               owner: str = DEFAULT_OWNER) -> Job:
+    """Check the data store, store the upload, insert the job (status queued,
+    owned by ``owner``) and commit. Nothing stays on disk when any of it fails."""
+    sha, created = store_upload(storage, sub.data, min_free_mb)
+    try:
+        return _insert_job(db, sub, sha, owner)
+    except BaseException:
+        db.rollback()
+        if created:
+            discard_upload(db, storage, sha)
+        raise
+
+
+def _insert_job(db: Session, sub: Submission, sha: str, owner: str = DEFAULT_OWNER) -> Job:
     now = utcnow()
     job = Job(
         id=uuid.uuid4(),
@@ -471,19 +532,27 @@ def enqueue(job: Job) -> None:
         raise QueueUnavailable(str(exc)) from exc
 
 
-def submit(db: Session, storage: Any, sub: Submission, owner: str = DEFAULT_OWNER) -> Job:
+def submit(db: Session, storage: Any, sub: Submission, owner: str = DEFAULT_OWNER,
+           min_free_mb: float | None = None) -> Job:
     """Create and queue a job owned by ``owner``; on a queue failure remove the
-    row and raise :class:`ApiError` 503 ``queue_unavailable``."""
-    job = create_job(db, storage, sub, owner)
+    row (and the upload, if no other job uses it) and raise :class:`ApiError`
+    503 ``queue_unavailable``. ``min_free_mb`` defaults to the app's
+    ``EBB_MIN_FREE_MB``; a full or unwritable store raises 507/503 first."""
+    if min_free_mb is None:
+        min_free_mb = current_app.extensions["ebb"].settings.min_free_mb
+    job = create_job(db, storage, sub, min_free_mb, owner)
     try:
         enqueue(job)
     except QueueUnavailable:
+        sha = job.image_sha256
         try:
             db.execute(Job.__table__.delete().where(Job.id == job.id))
             db.commit()
         except Exception:  # pragma: no cover - the DB failing too
             db.rollback()
             log.exception("could not delete unqueued job %s", job.id)
+        else:
+            discard_upload(db, storage, sha)
         raise ApiError(
             503,
             "queue_unavailable",

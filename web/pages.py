@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
 import uuid
 from datetime import datetime
@@ -31,6 +32,8 @@ from .auth import current_owner, owner_name
 from .db import get_db, state
 from .errors import ApiError
 from .forms import JobForm
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("pages", __name__)
 
@@ -362,7 +365,12 @@ def job_image(job_id: uuid.UUID):
             upright.save(buffer, "PNG", compress_level=1)
     except (OSError, ValueError, Image.DecompressionBombError):
         abort(404, description="The uploaded image cannot be displayed.")
-    atomic_write(rendition, buffer.getvalue())
+    try:
+        atomic_write(rendition, buffer.getvalue())
+    except OSError as exc:  # a full or read-only store: serve it unstored
+        log.warning("image rendition of job %s not stored: %s", job_id, exc)
+        buffer.seek(0)
+        return send_file(buffer, mimetype="image/png", max_age=86400)
     return send_file(rendition, mimetype="image/png", max_age=86400, conditional=True)
 
 
@@ -388,5 +396,10 @@ def job_thumbnail(job_id: uuid.UUID):
                 img.save(buffer, "JPEG", quality=85, optimize=True)
         except (OSError, ValueError, Image.DecompressionBombError):
             abort(404, description="The uploaded image cannot be displayed.")
-        atomic_write(cache, buffer.getvalue())
+        try:
+            atomic_write(cache, buffer.getvalue())
+        except OSError as exc:  # a full or read-only store: serve it uncached
+            log.warning("thumbnail of job %s not cached: %s", job_id, exc)
+            buffer.seek(0)
+            return send_file(buffer, mimetype="image/jpeg", max_age=86400)
     return send_file(cache, mimetype="image/jpeg", max_age=86400, conditional=True)

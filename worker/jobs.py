@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session
 from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
 from shared.db.session import retrying, session_factory
 from shared.storage import parse_job_id
+from shared.storage_check import disk_full_message, disk_low_message, free_mb, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -541,7 +542,7 @@ def run_job(job_id: str | uuid.UUID, runtime, hostname: str | None = None,
             message = one_line(error)
         except Exception as error:  # noqa: BLE001 - the worker must carry on
             log.exception("job %s failed", jid)
-            message = one_line(error)
+            message = one_line(JobError(disk_full_message(error))) if is_disk_full(error) else one_line(error)
         else:
             info["job_status"] = JobStatus.QUEUED.value if outcome == "requeued" else outcome
             _ended(claim, outcome, runtime)
@@ -684,8 +685,24 @@ def _remove_dir(path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _check_disk(runtime) -> None:
+    """Fail the job at once, rather than after its whole run, when ``DATA_DIR``
+    has less than ``EBB_MIN_FREE_MB`` free (:class:`JobError`, saying to resubmit)."""
+    settings = getattr(runtime, "settings", None)
+    data_dir = getattr(getattr(runtime, "storage", None), "data_dir", None)
+    if settings is None or data_dir is None:
+        return
+    try:
+        free = free_mb(data_dir)
+    except OSError:
+        return  # not there yet: the writes will tell
+    if free < settings.min_free_mb:
+        raise JobError(disk_low_message(free, settings.min_free_mb))
+
+
 def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
     started = time.perf_counter()
+    _check_disk(runtime)
     decoded = _decode(runtime, claim)
     config = _config(claim)
     cost, budget_s = _admission(claim, runtime, decoded, config)
