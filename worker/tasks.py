@@ -95,8 +95,13 @@ def start_worker_process(hostname: str | None = None) -> None:
             _reaper = ReaperThread(settings.database_url, runtime.heartbeat_timeout_s,
                                    runtime.max_attempts, interval_s=interval, send=_requeue,
                                    requeue_queued_after_s=resend_queued_after_s(),
-                                   jobs_dir=runtime.storage.jobs_dir)
+                                   jobs_dir=getattr(runtime.storage, "jobs_dir", None))
             _reaper.start()
+            if runtime.storage.kind != "file":
+                from worker.store_sweep import StoreSweeper
+
+                StoreSweeper(runtime.storage, settings.database_url, settings.store_sweep_age_s,
+                             interval_s=interval).start()
     if _heartbeat is None:
         from shared import fleet
         from worker.heartbeat import FleetHeartbeat
