@@ -436,3 +436,37 @@ def test_database_down_is_a_503_never_a_500(tmp_path, monkeypatch):
         assert response.status_code == 503, response.get_data(as_text=True)
         assert response.get_json()["error"]["code"] == "service_unavailable"
         assert client.get("/healthz").status_code == 200
+
+
+# --------------------------------------------------------------------------- reuse
+
+
+def test_identical_submissions_reuse_only_the_owners_own_jobs(app, client):
+    from sqlalchemy import update
+
+    from shared import reuse
+    from shared.db.models import Job
+
+    def submit(token):
+        data = {"image": (io.BytesIO(image_bytes("PNG", (64, 48))), "a.png"), "iterations": "20",
+                "seed": "3"}
+        response = client.post("/api/v1/jobs", data=data, content_type="multipart/form-data",
+                               headers=bearer(token))
+        assert response.status_code == 202, response.get_data(as_text=True)
+        return response.get_json()
+
+    first = submit(TOK_A)
+    st = app.extensions["ebb"]
+    with st.session_factory() as db:  # succeeded, as the worker commits it
+        job = db.get(Job, uuid.UUID(first["id"]))
+        st.storage.put(f"jobs/{first['id']}/overlay.png", image_bytes("PNG", (8, 8)))
+        db.execute(update(Job).where(Job.id == job.id).values(
+            status="succeeded", artifacts_key=f"jobs/{first['id']}", finished_at=job.created_at,
+            results=[{"scores": {"before": 0.5, "after": 0.1}}],
+            reuse_key=reuse.reuse_key(job.reuse_key, st.settings.arithmetic)))
+        db.commit()
+    other = submit(TOK_B)  # another owner: computed anew, nothing of lab-a's revealed
+    assert other["status"] == "queued" and other["reused_from"] is None and other["owner"] == "lab-b"
+    again = submit(TOK_A)
+    assert again["status"] == "succeeded" and again["reused_from"] == first["id"]
+    assert again["owner"] == "lab-a"
