@@ -42,13 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     from _service import Service, example_images
 
     image = example_images()[0]
-    extra: dict[str, str] = {}
+    extra: dict[str, str] = {"EBB_REUSE": "1"}  # _service turns it off for the other benchmarks
     store = None
     if args.s3:
         from tests.integration.test_object_store import ACCESS_KEY, BUCKET, PREFIX, SECRET_KEY, SeaweedServer
 
         store = SeaweedServer(Path(tempfile.mkdtemp(prefix="ebb-bench-store-"))).start()
-        extra = {"STORAGE_URL": f"s3://{BUCKET}/{PREFIX}", "S3_ENDPOINT_URL": store.endpoint,
+        extra = {**extra, "STORAGE_URL": f"s3://{BUCKET}/{PREFIX}", "S3_ENDPOINT_URL": store.endpoint,
                  "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
     rows = []
     try:

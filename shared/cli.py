@@ -5,6 +5,7 @@ Subcommands:
 * ``ebb db upgrade`` / ``ebb db current`` -- migrate / inspect the database;
 * ``ebb worker`` -- a Celery worker serving ``EBB_MODEL`` on ``explain.<model>``;
 * ``ebb reap`` -- one pass of the stale-job reaper;
+* ``ebb purge --older-than 30d [--dry-run]`` -- delete old finished jobs;
 * ``ebb run`` -- everything locally: Redis, one worker, the web app;
 * ``ebb web`` -- the production web server (gunicorn);
 * ``ebb submit`` / ``ebb workers`` -- a client of a running service
@@ -200,6 +201,40 @@ def add_reap_command(subparsers) -> None:
     p.add_argument("--requeue-queued-after", type=float, default=30 * 60.0,
                    help="re-send queued jobs enqueued longer ago than this many seconds")
     p.set_defaults(func=_cmd_reap)
+
+
+# --------------------------------------------------------------------------- purge
+
+
+def _cmd_purge(args: argparse.Namespace) -> int:
+    from shared import settings as settings_mod
+    from shared.db.migrations import upgrade_database
+    from shared.db.session import session_scope
+    from shared.retention import open_store, parse_age, purge
+
+    age = parse_age(args.older_than)
+    settings = settings_mod.load()
+    upgrade_database(settings.database_url)
+    with session_scope(settings.database_url) as session:
+        report = purge(session, open_store(settings), age, dry_run=args.dry_run)
+    for job_id in report.jobs:
+        print(job_id)
+    kept = f", {len(report.kept)} kept (still used by other jobs)" if report.kept else ""
+    print(f"{report.summary()}{kept}")
+    return 0
+
+
+def add_purge_command(subparsers) -> None:
+    """``ebb purge``."""
+    p = subparsers.add_parser(
+        "purge", help="delete finished jobs older than an age, with their files",
+        description="Delete the finished jobs (succeeded, failed, cancelled) that finished longer "
+                    "ago than --older-than: their rows, their artifacts and their uploads unless "
+                    "another job still uses them.")
+    p.add_argument("--older-than", required=True, metavar="AGE",
+                   help="e.g. 30d, 12h, 90m (a bare number is days)")
+    p.add_argument("--dry-run", action="store_true", help="list the jobs, delete nothing")
+    p.set_defaults(func=_cmd_purge)
 
 
 # --------------------------------------------------------------------------- run
@@ -481,6 +516,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_tokens_command,
     add_worker_command,
     add_reap_command,
+    add_purge_command,
     add_run_command,
     web_command.register,
     submit_command.register,

@@ -28,6 +28,9 @@ DEFAULT_SESSION_HOURS = 12.0
 #: created while no tokens are configured.
 DEFAULT_OWNER = "default"
 _OWNER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+#: Quotas (issue 15) when their variables are not set.
+DEFAULT_MAX_ITERATIONS = 2000
+DEFAULT_MAX_QUEUED_PER_OWNER = 20
 #: ``EBB_RATE_LIMIT`` values that switch rate limiting off.
 _RATE_LIMIT_OFF = ("0", "off", "none", "false", "no", "disabled")
 
@@ -121,6 +124,16 @@ class Settings:
             ``EBB_MAX_ARTIFACT_SIDE``, default 2048.
         device_memory: memory budget in bytes of the worker engine's batch;
             env ``EBB_DEVICE_MEMORY``, default None: what the device reports.
+        max_iterations: most optimisation steps one job may ask for; env
+            ``EBB_MAX_ITERATIONS``, default 2000.
+        max_queued_per_owner: most queued + running jobs one owner may have;
+            env ``EBB_MAX_QUEUED_PER_OWNER``, default 20.
+        work_budget: most mask-iterations (targets x iterations x areas) one
+            owner may have accepted in any hour; env ``EBB_WORK_BUDGET``,
+            default None (no budget).
+        retention_days: the reaper deletes finished jobs (rows, artifacts,
+            unused uploads) older than this many days; env
+            ``EBB_RETENTION_DAYS``, default None (keep forever).
         test_slow_scoring_s: TEST ONLY: seconds the worker sleeps before
             scoring each target, so a test can cancel during scoring; env
             ``EBB_TEST_SLOW_SCORING_SECONDS``, default 0. Never set it in
@@ -160,6 +173,10 @@ class Settings:
     job_timeout_s: float | None = None
     max_artifact_side: int = DEFAULT_MAX_ARTIFACT_SIDE
     device_memory: int | None = None
+    max_iterations: int = DEFAULT_MAX_ITERATIONS
+    max_queued_per_owner: int = DEFAULT_MAX_QUEUED_PER_OWNER
+    work_budget: int | None = None
+    retention_days: float | None = None
     test_slow_scoring_s: float = 0.0
 
     @property
@@ -324,6 +341,26 @@ def _job_timeout(env) -> float | None:
     return value
 
 
+def _optional_int(env, name: str) -> int | None:
+    """A positive integer, or None when unset or blank."""
+    if not str(env.get(name) or "").strip():
+        return None
+    return _positive_int(env, name, 0)
+
+
+def _retention_days(env) -> float | None:
+    raw = str(env.get("EBB_RETENTION_DAYS") or "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"EBB_RETENTION_DAYS must be a positive number of days, got {raw!r}")
+    return value
+
+
 def _seconds(env, name: str) -> float:
     raw = str(env.get(name) or "").strip()
     try:
@@ -377,5 +414,9 @@ def load(environ: dict[str, str] | None = None) -> Settings:
         job_timeout_s=_job_timeout(env),
         max_artifact_side=_positive_int(env, "EBB_MAX_ARTIFACT_SIDE", DEFAULT_MAX_ARTIFACT_SIDE),
         device_memory=_bytes(env, "EBB_DEVICE_MEMORY", None),
+        max_iterations=_positive_int(env, "EBB_MAX_ITERATIONS", DEFAULT_MAX_ITERATIONS),
+        max_queued_per_owner=_positive_int(env, "EBB_MAX_QUEUED_PER_OWNER", DEFAULT_MAX_QUEUED_PER_OWNER),
+        work_budget=_optional_int(env, "EBB_WORK_BUDGET"),
+        retention_days=_retention_days(env),
         test_slow_scoring_s=_seconds(env, "EBB_TEST_SLOW_SCORING_SECONDS"),
     )

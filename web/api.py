@@ -10,7 +10,7 @@ from shared.storage import StorageUnavailable
 
 from shared.attribution.config import PerturbationConfig
 
-from . import fleet
+from . import fleet, quotas
 from .auth import current_owner, owner_name
 from . import jobs as jobs_svc
 from .db import get_db, state
@@ -39,6 +39,7 @@ def create_job():
         raise errors.first() from None
     force = jobs_svc.parse_force(request.form)
     db = get_db()
+    quotas.check(db, st.settings, owner_name(), quotas.submission_work(sub))
     job = jobs_svc.submit(db, st.storage, sub, owner_name(), force=force)
     body = jobs_svc.job_to_dict(db, st.storage, job)
     response = jsonify(body)
@@ -80,6 +81,23 @@ def get_job(job_id: uuid.UUID):
     db = get_db()
     job = jobs_svc.get_job(db, job_id, current_owner())
     return jsonify(jobs_svc.job_to_dict(db, state().storage, job))
+
+
+@bp.delete("/jobs/<uuid:job_id>")
+def delete_job(job_id: uuid.UUID):
+    """Delete a job, its artifacts and its upload (unless another job uses
+    them); a queued or running job is cancelled first. 204 when done."""
+    jobs_svc.delete_job(get_db(), state().storage, job_id, current_owner())
+    return "", 204
+
+
+@bp.get("/usage")
+def usage():
+    """The requester's quota usage and limits."""
+    st = state()
+    response = jsonify(quotas.usage(get_db(), st.settings, quotas.owner_name()))
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 @bp.post("/jobs/<uuid:job_id>/cancel")

@@ -371,8 +371,9 @@ def parse_submission(
 
 def admit(sub: Submission, settings: Any) -> None:
     """Admission control: raise :class:`SubmissionErrors` with code
-    ``too_expensive`` on the field to lower when ``sub``'s estimated memory or
-    work (:mod:`shared.cost`) is over ``EBB_MAX_JOB_MEMORY`` /
+    ``too_expensive`` on the field to lower when ``sub`` asks for more than
+    ``EBB_MAX_ITERATIONS`` iterations (field ``iterations``), or its estimated
+    memory or work (:mod:`shared.cost`) is over ``EBB_MAX_JOB_MEMORY`` /
     ``EBB_MAX_JOB_WORK``. Nothing is stored."""
     from shared.cost import TooExpensive, check, estimate
 
@@ -384,6 +385,11 @@ def admit(sub: Submission, settings: Any) -> None:
               width=sub.width, height=sub.height)
     except TooExpensive as exc:
         raise SubmissionErrors({exc.field: ("too_expensive", exc.message)}) from None
+    cap = getattr(settings, "max_iterations", None)
+    if cap is not None and sub.config.iterations > cap:
+        raise SubmissionErrors({"iterations": (
+            "too_expensive",
+            f"iterations must be at most {cap} (EBB_MAX_ITERATIONS), got {sub.config.iterations}")})
 
 
 def single_image(files: Any) -> Any:
@@ -1091,6 +1097,7 @@ def job_to_dict(db: Session, storage: Any, job: Job) -> dict[str, Any]:
         "worker": job.worker_hostname,
         "timings": job.timings if isinstance(job.timings, dict) else None,
         "cancel_requested": bool(job.cancel_requested),
+        "usage": _usage(db, job),
         "image": {
             "sha256": job.image_sha256,
             "width": job.image_width,
@@ -1104,6 +1111,12 @@ def job_to_dict(db: Session, storage: Any, job: Job) -> dict[str, Any]:
             "thumbnail": url_for("pages.job_thumbnail", job_id=job.id),
         },
     }
+
+
+def _usage(db: Session, job: Job) -> dict[str, Any]:
+    from .quotas import cached_usage, job_owner
+
+    return cached_usage(db, current_app.extensions["ebb"].settings, job_owner(job))
 
 
 # --------------------------------------------------------------------------- list
@@ -1154,6 +1167,53 @@ def list_jobs(
     rows = list(db.scalars(query))
     next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
     return rows[:limit], next_cursor
+
+
+# --------------------------------------------------------------------------- delete
+
+#: Seconds ``DELETE`` waits for a cancelled running job to stop before it answers 409.
+DELETE_WAIT_S = 5.0
+
+
+def delete_job(db: Session, storage: Any, job_id: uuid.UUID, owner: Any = None) -> None:
+    """Delete ``job_id`` (:func:`shared.retention.delete_job`): its row, its
+    artifacts and its upload unless another job uses them. A queued or
+    running job is cancelled first; a running one that has not stopped
+    within :data:`DELETE_WAIT_S` answers 409 ``job_running`` (retry later).
+    404 when it does not exist or ``owner`` may not see it (see
+    :func:`get_job_for_owner`)."""
+    import time
+
+    from shared.retention import NotFinished
+    from shared.retention import delete_job as delete_finished
+
+    job = get_job(db, job_id, owner)
+    if job.status not in TERMINAL_STATUSES:
+        try:
+            cancel_job(db, job_id, owner)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+        deadline = time.monotonic() + DELETE_WAIT_S
+        while job.status not in TERMINAL_STATUSES and time.monotonic() < deadline:
+            time.sleep(0.1)
+            db.rollback()
+            db.refresh(job)
+    running = ApiError(
+        409, "job_running",
+        f"job {job_id} is still {job.status}: its cancel was requested and it stops at its next "
+        "step; send the DELETE again in a moment.", headers={"Retry-After": "2"})
+    if job.status not in TERMINAL_STATUSES:
+        raise running
+    from .quotas import record_deleted
+
+    record_deleted(current_app.extensions["ebb"].settings, job)
+    try:
+        done = delete_finished(db, storage, job_id)
+    except NotFinished:
+        raise running from None
+    if done is None:
+        raise ApiError(404, "not_found", f"job {job_id} not found")
 
 
 # --------------------------------------------------------------------------- cancel

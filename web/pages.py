@@ -26,11 +26,11 @@ from sqlalchemy import func, select
 from shared.db.models import Job, JobStatus
 from shared.fleet import interval_s, workers_by_model
 
-from . import charts, fleet
+from . import charts, fleet, quotas
 from . import jobs as jobs_svc
 from .auth import current_owner, owner_name
 from .db import get_db, state
-from .errors import ApiError
+from .errors import ApiError, remember_headers
 from .forms import JobForm
 
 log = logging.getLogger(__name__)
@@ -217,10 +217,14 @@ def submit():
                 field.errors = list(field.errors) + [message]
         return _render_form(form, 400, ["Please correct the highlighted fields."])
     try:
+        quotas.check(get_db(), st.settings, owner_name(), quotas.submission_work(sub))
         job = jobs_svc.submit(get_db(), st.storage, sub, owner_name(),
                               force=jobs_svc.parse_force(request.form))
     except ApiError as exc:
-        return _render_form(form, exc.status, [exc.message])
+        remember_headers(exc)
+        response = _render_form(form, exc.status, [exc.message])
+        response.headers.extend(exc.headers)
+        return response
     return redirect(url_for("pages.job", job_id=job.id), code=303)
 
 
@@ -326,6 +330,20 @@ def cancel(job_id: uuid.UUID):
         else:
             flash("Cancellation requested; the worker stops within a second.", "info")
     return redirect(url_for("pages.job", job_id=job_id), code=303)
+
+
+@bp.post("/jobs/<uuid:job_id>/delete")
+def delete(job_id: uuid.UUID):
+    """The job page's delete button (CSRF-checked like every form)."""
+    try:
+        jobs_svc.delete_job(get_db(), state().storage, job_id, current_owner())
+    except ApiError as exc:
+        if exc.status == 404:
+            abort(404, description="This job does not exist.")
+        flash(exc.message, "warning")
+        return redirect(url_for("pages.job", job_id=job_id), code=303)
+    flash("The job and its files were deleted.", "info")
+    return redirect(url_for("pages.jobs"), code=303)
 
 
 def _upload_bytes(job: Job) -> bytes:

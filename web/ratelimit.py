@@ -74,7 +74,9 @@ def retry_after_seconds(default: int = 60) -> int:
 def _strip_retry_after(response: Response) -> Response:
     # Flask-Limiter writes Retry-After on every limited response; it only
     # means something on a refusal (or a 503).
-    if response.status_code not in (429, 503):
+    if g.get("ebb_retry_after"):  # an error's own Retry-After (a quota, a running job)
+        response.headers["Retry-After"] = g.ebb_retry_after
+    elif response.status_code not in (429, 503):
         response.headers.pop("Retry-After", None)
     return response
 

@@ -95,7 +95,8 @@ def start_worker_process(hostname: str | None = None) -> None:
             _reaper = ReaperThread(settings.database_url, runtime.heartbeat_timeout_s,
                                    runtime.max_attempts, interval_s=interval, send=_requeue,
                                    requeue_queued_after_s=resend_queued_after_s(),
-                                   jobs_dir=getattr(runtime.storage, "jobs_dir", None))
+                                   jobs_dir=getattr(runtime.storage, "jobs_dir", None),
+                                   retention_days=settings.retention_days, storage=runtime.storage)
             _reaper.start()
             if runtime.storage.kind != "file":
                 from worker.store_sweep import StoreSweeper

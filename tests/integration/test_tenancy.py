@@ -4,7 +4,8 @@ The web app (Flask test client) uses named tokens ``lab-a``, ``lab-b`` (from
 ``EBB_API_TOKENS``), ``ops`` (admin) and ``lab-c`` (made with
 ``ebb tokens create``, stored hashed in the database); a real worker runs the
 jobs. Each owner sees and touches only their own jobs through every route;
-another owner's job answers exactly as a missing one; the admin sees all.
+another owner's job answers exactly as a missing one (GET, cancel and DELETE);
+the admin sees and deletes all.
 """
 
 from __future__ import annotations
@@ -125,6 +126,18 @@ def test_two_owners_and_an_admin_through_every_route(client, token_c, image_byte
     same_as_missing(client, "/api/v1/jobs/{id}/cancel", a["id"], TOK_B, method="post")
     assert client.post(f"/api/v1/jobs/{a['id']}/cancel", headers=bearer(TOK_A)).status_code == 409
     assert client.post(f"/api/v1/jobs/{a['id']}/cancel", headers=bearer(TOK_OPS)).status_code == 409
+
+    # delete: the same 404 for another owner (the job and its files stay); the
+    # owner and the admin may delete
+    same_as_missing(client, "/api/v1/jobs/{id}", a["id"], TOK_B, method="delete")
+    same_as_missing(client, "/api/v1/jobs/{id}", a["id"], token_c, method="delete")
+    assert client.get(artifact, headers=bearer(TOK_A)).status_code == 200
+    assert client.delete(f"/api/v1/jobs/{a['id']}", headers=bearer(TOK_A)).status_code == 204
+    assert client.delete(f"/api/v1/jobs/{c['id']}", headers=bearer(TOK_OPS)).status_code == 204
+    assert listed(TOK_A) == set() and listed(token_c) == set()
+    # b shared a's upload: it is still served in full to its owner
+    assert client.get(f"/jobs/{b['id']}/image", headers=bearer(TOK_B)).status_code == 200
+    assert poll(client, TOK_B, b["id"])["status"] == "succeeded"
 
 
 def test_cancel_of_another_owners_running_job_is_refused(client, image_bytes):

@@ -220,12 +220,24 @@ def test_each_owner_sees_only_their_jobs_and_admin_sees_all(app, client):
     done = client.post(f"/api/v1/jobs/{b['id']}/cancel", headers=bearer(TOK_OPS))
     assert done.status_code == 200 and done.get_json()["status"] == "cancelled"
 
+    # delete: another owner's job is a 404 exactly like a missing one, and stays
+    other = client.delete(f"/api/v1/jobs/{a['id']}", headers=bearer(TOK_B))
+    absent = client.delete(f"/api/v1/jobs/{missing}", headers=bearer(TOK_B))
+    assert json.dumps(_not_found_body(other)).replace(a["id"], "ID") == \
+        json.dumps(_not_found_body(absent)).replace(missing, "ID")
+    assert client.get(f"/api/v1/jobs/{a['id']}", headers=bearer(TOK_A)).status_code == 200
+    assert client.delete(f"/api/v1/jobs/{a['id']}", headers=bearer(TOK_A)).status_code == 204
+    assert client.delete(f"/api/v1/jobs/{b['id']}", headers=bearer(TOK_OPS)).status_code == 204
+    assert client.get("/api/v1/jobs", headers=bearer(TOK_OPS)).get_json()["jobs"] == []
+
 
 def test_page_cancel_of_another_owners_job_is_404(app, client):
     b = post_job(client, TOK_B)
     assert login(client, TOK_A).status_code == 303
     html = client.get("/").get_data(as_text=True)
     response = client.post(f"/jobs/{b['id']}/cancel", data={"csrf_token": csrf_from(html)})
+    assert response.status_code == 404
+    response = client.post(f"/jobs/{b['id']}/delete", data={"csrf_token": csrf_from(html)})
     assert response.status_code == 404
     assert client.get(f"/api/v1/jobs/{b['id']}", headers=bearer(TOK_B)).get_json()["status"] == "queued"
 
