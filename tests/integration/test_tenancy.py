@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import Iterator
 
 import pytest
 
@@ -39,13 +40,22 @@ def client(stack, monkeypatch):
 
 
 @pytest.fixture
-def token_c(stack, client) -> str:
-    """A database token for ``lab-c``, made by the real CLI (``ebb tokens create``)."""
+def token_c(stack, client) -> Iterator[str]:
+    """A database token for ``lab-c``, made by the real CLI (``ebb tokens create``);
+    removed afterwards: a database token turns authentication on, and the
+    stack's database is shared with other test modules that run open."""
     out = subprocess.run([sys.executable, "-m", "shared.cli", "tokens", "create", "lab-c",
                           "--url", stack.database_url], capture_output=True, text=True,
                          timeout=120, env=stack.env)
     assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
+    yield out.stdout.strip()
+    from sqlalchemy import delete
+
+    from shared.db.models import ApiToken
+    from shared.db.session import session_scope
+
+    with session_scope(stack.database_url) as session:
+        session.execute(delete(ApiToken).where(ApiToken.name == "lab-c"))
 
 
 def bearer(token: str) -> dict[str, str]:
