@@ -252,7 +252,8 @@ def jobs():
     for job in rows:
         elapsed, _ = jobs_svc.elapsed_and_eta(job)
         items.append({"job": job, "elapsed": elapsed})
-    return render_template("jobs.html", items=items, page=page, pages=pages, total=total)
+    return render_template("jobs.html", items=items, page=page, pages=pages, total=total,
+                           show_owner=bool(owner is not None and owner.admin))
 
 
 @bp.get("/workers")

@@ -212,6 +212,9 @@ def test_each_owner_sees_only_their_jobs_and_admin_sees_all(app, client):
     assert b["id"] in jobs_page and a["id"] not in jobs_page
     admin_page = client.get("/jobs", headers=bearer(TOK_OPS)).get_data(as_text=True)
     assert a["id"] in admin_page and b["id"] in admin_page
+    # the admin's list says whose each job is; an owner's list does not need to
+    assert re.findall(r'class="job-owner"[^>]*>([^<]+)<', admin_page) == ["lab-b", "lab-a"]
+    assert 'class="job-owner"' not in jobs_page
 
     # cancel: another owner's job is a 404 and stays queued; the admin may cancel it
     refused = client.post(f"/api/v1/jobs/{b['id']}/cancel", headers=bearer(TOK_A))
