@@ -78,6 +78,36 @@ def add_db_command(subparsers) -> None:
     cur.set_defaults(func=_cmd_db_current)
 
 
+# --------------------------------------------------------------------------- tokens
+
+
+def _cmd_tokens_create(args: argparse.Namespace) -> int:
+    from shared import settings as settings_mod
+    from shared.db.migrations import upgrade_database
+    from shared.db.session import session_factory
+    from shared.tokens import create_token
+
+    url = args.url or settings_mod.load().database_url
+    upgrade_database(url)
+    with session_factory(url)() as db:
+        token = create_token(db, args.name, admin=args.admin)
+    print(token)
+    print(f"token for {args.name!r}{' (admin)' if args.admin else ''} created; only its hash "
+          "is stored: keep it now, it cannot be shown again", file=sys.stderr)
+    return 0
+
+
+def add_tokens_command(subparsers) -> None:
+    """``ebb tokens create NAME [--admin]``."""
+    tokens = subparsers.add_parser("tokens", help="API tokens stored in the database")
+    sub = tokens.add_subparsers(dest="tokens_command", required=True, metavar="{create}")
+    create = sub.add_parser("create", help="make a new token for owner NAME and print it once")
+    create.add_argument("name", metavar="NAME", help="owner name (letters, digits, _ . @ -)")
+    create.add_argument("--admin", action="store_true", help="the token sees every owner's jobs")
+    create.add_argument("--url", help="database URL (default: DATABASE_URL)")
+    create.set_defaults(func=_cmd_tokens_create)
+
+
 # --------------------------------------------------------------------------- worker
 
 
@@ -483,6 +513,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     explain_command.register,
     models_command.register,
     add_db_command,
+    add_tokens_command,
     add_worker_command,
     add_reap_command,
     add_purge_command,

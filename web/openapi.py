@@ -302,11 +302,15 @@ _JOB = {
         "results", "warnings", "live", "queue_position", "queue", "current_score", "elapsed_s",
         "eta_s", "attempts", "reused_from",
         "worker", "timings", "image", "links",
+        "owner",
     ],
     "properties": {
         "id": {"type": "string", "format": "uuid"},
         "status": {"type": "string", "enum": list(STATUSES)},
         "model": {"type": "string"},
+        "owner": {"type": "string",
+                  "description": "Name of the API token that submitted the job (`default` for "
+                                 "a bare token and when no tokens are configured)."},
         "target": {
             **_TARGET,
             "description": "Class explained (the primary one when there are several); null "
@@ -512,11 +516,18 @@ operation except `GET /openapi.json` requires either
 in at `/login` (a session's `POST` requests must also send its CSRF token in
 `X-CSRFToken`). Without them the answer is 401 with `WWW-Authenticate: Bearer`.
 Without tokens configured the service is open and no credentials are needed.
+After 5 wrong tokens or logins from one client address within 15 minutes,
+every bearer attempt from it is answered 429 with `Retry-After` until then.
+
+Each token has a name, its *owner* (`EBB_API_TOKENS=name:<token>`, or
+`name:<token>:admin`): a job records its owner (`owner`), and every job
+operation sees only the owner's jobs (another owner's job is a 404
+`not_found`, exactly as a missing one); an admin token sees every job.
 
 ## Rate limits
 
 Job submissions (`POST /jobs`, shared with the upload form) are limited per
-client: per API token when one is sent, else per client address
+client: per token owner when a token is sent, else per client address
 (`EBB_RATE_LIMIT`, default 30 per minute and 500 per hour). Beyond it the
 answer is 429 with a `Retry-After` header (seconds); the
 `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset` headers

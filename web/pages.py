@@ -28,6 +28,7 @@ from shared.fleet import interval_s, workers_by_model
 
 from . import charts, fleet, quotas
 from . import jobs as jobs_svc
+from .auth import current_owner, owner_name
 from .db import get_db, state
 from .errors import ApiError, remember_headers
 from .forms import JobForm
@@ -146,7 +147,7 @@ def pretty_key(value: str) -> str:
 
 
 def _job_or_404(job_id: uuid.UUID) -> Job:
-    job = get_db().get(Job, job_id)
+    job = jobs_svc.get_job_for_owner(get_db(), job_id, current_owner())
     if job is None:
         abort(404, description="This job does not exist.")
     return job
@@ -216,8 +217,9 @@ def submit():
                 field.errors = list(field.errors) + [message]
         return _render_form(form, 400, ["Please correct the highlighted fields."])
     try:
-        quotas.check(get_db(), st.settings, quotas.owner_name(), quotas.submission_work(sub))
-        job = jobs_svc.submit(get_db(), st.storage, sub, force=jobs_svc.parse_force(request.form))
+        quotas.check(get_db(), st.settings, owner_name(), quotas.submission_work(sub))
+        job = jobs_svc.submit(get_db(), st.storage, sub, owner_name(),
+                              force=jobs_svc.parse_force(request.form))
     except ApiError as exc:
         remember_headers(exc)
         response = _render_form(form, exc.status, [exc.message])
@@ -234,12 +236,13 @@ def jobs():
     db = get_db()
     per_page = int(current_app.config.get("JOBS_PER_PAGE", 20))
     page = request.args.get("page", 1, type=int) or 1
-    total = int(db.scalar(select(func.count()).select_from(Job)) or 0)
+    owner = current_owner()
+    total = int(db.scalar(jobs_svc.owner_filter(select(func.count()).select_from(Job), owner)) or 0)
     pages = max(1, math.ceil(total / per_page))
     page = max(1, min(page, pages))
     rows = list(
         db.scalars(
-            select(Job)
+            jobs_svc.owner_filter(select(Job), owner)
             .order_by(Job.created_at.desc(), Job.id.desc())
             .offset((page - 1) * per_page)
             .limit(per_page)
@@ -249,7 +252,8 @@ def jobs():
     for job in rows:
         elapsed, _ = jobs_svc.elapsed_and_eta(job)
         items.append({"job": job, "elapsed": elapsed})
-    return render_template("jobs.html", items=items, page=page, pages=pages, total=total)
+    return render_template("jobs.html", items=items, page=page, pages=pages, total=total,
+                           show_owner=bool(owner is not None and owner.admin))
 
 
 @bp.get("/workers")
@@ -316,7 +320,7 @@ def job(job_id: uuid.UUID):
 @bp.post("/jobs/<uuid:job_id>/cancel")
 def cancel(job_id: uuid.UUID):
     try:
-        row = jobs_svc.cancel_job(get_db(), job_id)
+        row = jobs_svc.cancel_job(get_db(), job_id, current_owner())
     except ApiError as exc:
         if exc.status == 404:
             abort(404, description="This job does not exist.")
@@ -333,7 +337,7 @@ def cancel(job_id: uuid.UUID):
 def delete(job_id: uuid.UUID):
     """The job page's delete button (CSRF-checked like every form)."""
     try:
-        jobs_svc.delete_job(get_db(), state().storage, job_id)
+        jobs_svc.delete_job(get_db(), state().storage, job_id, current_owner())
     except ApiError as exc:
         if exc.status == 404:
             abort(404, description="This job does not exist.")
