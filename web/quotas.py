@@ -39,12 +39,9 @@ ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 def owner_name() -> str:
     """The requester's owner name for quotas (``default`` without tokens)."""
-    try:
-        from .auth import current_owner  # issue 15's owners, when present
-    except ImportError:
-        return DEFAULT_OWNER
-    owner = current_owner()
-    return getattr(owner, "name", None) or DEFAULT_OWNER
+    from .auth import owner_name as name
+
+    return name() or DEFAULT_OWNER
 
 
 def job_owner(job: Job) -> str:
