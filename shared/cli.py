@@ -143,21 +143,36 @@ def _cmd_reap(args: argparse.Namespace) -> int:
     from shared.db.migrations import upgrade_database
     from shared.db.session import session_scope
     from shared.storage import Storage
-    from worker.reaper import reap_stale_jobs, sweep_leftovers
+    from worker.reaper import ReaperThread, reap_stale_jobs, sweep_leftovers
     from worker.runtime import heartbeat_timeout_s, max_attempts
 
     settings = settings_mod.load()
     url = settings.database_url
     upgrade_database(url)
+    # Running jobs are re-queued only when their worker left the fleet (Redis
+    # unreadable: none is); lost queue messages are re-sent by a reconcile pass.
+    alive = ReaperThread(url, 1.0, 1, redis_url=settings.redis_url).liveness()
     with session_scope(url) as session:
         report = reap_stale_jobs(
             session,
             args.heartbeat_timeout or heartbeat_timeout_s(),
             max_attempts=args.max_attempts or max_attempts(),
-            requeue_queued_after_s=args.requeue_queued_after,
+            requeue_queued_after_s=args.requeue_queued_after or None,
+            alive=alive,
         )
+    reconciled = "queues not reconciled"
+    if settings.resend_queued_after_s:
+        import redis
+
+        from worker.reconcile import reconcile
+
+        try:
+            client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=10.0)
+            reconciled = reconcile(url, client, resend_after_s=settings.resend_queued_after_s).summary()
+        except Exception as exc:  # noqa: BLE001 - report, do not crash
+            reconciled = f"queues not reconciled ({type(exc).__name__}: {exc})"
     swept = sweep_leftovers(Storage(settings.data_dir).jobs_dir)
-    print(f"{report.summary()}, removed {len(swept)} leftover artifact folder(s)")
+    print(f"{report.summary()}; {reconciled}; removed {len(swept)} leftover artifact folder(s)")
     return 0
 
 
@@ -167,8 +182,10 @@ def add_reap_command(subparsers) -> None:
     p.add_argument("--heartbeat-timeout", type=float, default=0,
                    help="seconds without heartbeat (default: EBB_HEARTBEAT_TIMEOUT, else 120)")
     p.add_argument("--max-attempts", type=int, default=0, help="default: EBB_MAX_ATTEMPTS, else 3")
-    p.add_argument("--requeue-queued-after", type=float, default=30 * 60.0,
-                   help="re-send queued jobs enqueued longer ago than this many seconds")
+    p.add_argument("--requeue-queued-after", type=float, default=0,
+                   help="re-send every queued job enqueued longer ago than this many seconds, even one whose "
+                        "message is still queued (default 0: only lost messages are re-sent, see "
+                        "EBB_RESEND_QUEUED_AFTER)")
     p.set_defaults(func=_cmd_reap)
 
 

@@ -49,6 +49,16 @@ class Settings:
         trusted_proxies: number of reverse proxies in front of the web app
             whose ``X-Forwarded-*`` headers are trusted (werkzeug ``ProxyFix``);
             env ``EBB_TRUSTED_PROXIES``, default 0 (the headers are ignored).
+        reconcile_interval_s: seconds between two comparisons of the ``queued``
+            rows with the messages in the Redis queues (``worker.reconcile``);
+            env ``EBB_RECONCILE_INTERVAL``, default 15; ``0`` turns it off.
+        resend_queued_after_s: a ``queued`` job whose message is missing from
+            its queue is re-sent once it was enqueued this many seconds ago;
+            env ``EBB_RESEND_QUEUED_AFTER``, default 20; ``0`` (stored as
+            ``None``) never re-sends.
+        test_slow_scoring_s: tests only: a worker sleeps this long before
+            scoring each job (a long scoring phase); env
+            ``EBB_TEST_SLOW_SCORING_SECONDS``, default 0.
     """
 
     data_dir: Path
@@ -63,6 +73,9 @@ class Settings:
     rate_limit: str = DEFAULT_RATE_LIMIT
     rate_limit_prefix: str = "explain-ratelimit"
     trusted_proxies: int = 0
+    reconcile_interval_s: float = 15.0
+    resend_queued_after_s: float | None = 20.0
+    test_slow_scoring_s: float = 0.0
 
 
 def _rate_limit(value: str | None) -> str:
@@ -70,6 +83,22 @@ def _rate_limit(value: str | None) -> str:
     if not value:
         return DEFAULT_RATE_LIMIT
     return "" if value.lower() in _RATE_LIMIT_OFF else value
+
+
+def _seconds(env, name: str, default: float) -> float:
+    """A non-negative, finite number of seconds from ``env[name]`` (blank: ``default``)."""
+    import math
+
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be 0 or more seconds, got {raw!r}")
+    return value
 
 
 def load(environ: dict[str, str] | None = None) -> Settings:
@@ -90,4 +119,7 @@ def load(environ: dict[str, str] | None = None) -> Settings:
         rate_limit_prefix=(env.get("EBB_RATE_LIMIT_PREFIX") or "").strip()
         or f"{env.get('EBB_QUEUE_PREFIX') or 'explain'}-ratelimit",
         trusted_proxies=int(env.get("EBB_TRUSTED_PROXIES", "0") or 0),
+        reconcile_interval_s=_seconds(env, "EBB_RECONCILE_INTERVAL", 15.0),
+        resend_queued_after_s=_seconds(env, "EBB_RESEND_QUEUED_AFTER", 20.0) or None,
+        test_slow_scoring_s=_seconds(env, "EBB_TEST_SLOW_SCORING_SECONDS", 0.0),
     )

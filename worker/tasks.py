@@ -47,6 +47,8 @@ class JobFailed(Exception):
 
 _reaper = None
 _heartbeat = None
+_job_heartbeat = None
+_reconciler = None
 _prefork = False
 
 
@@ -62,12 +64,13 @@ def _requeue(job_id: uuid.UUID, model: str) -> None:
 
 
 def start_worker_process(hostname: str | None = None) -> None:
-    """Migrate the database, load the model, start the reaper and the fleet
-    heartbeat (as ``hostname``, the Celery node name); exit on failure."""
-    global _reaper, _heartbeat
+    """Migrate the database, load the model, start the reaper, the queue
+    reconciler, the job heartbeats and the fleet heartbeat (as ``hostname``,
+    the Celery node name); exit on failure."""
+    global _reaper, _heartbeat, _job_heartbeat, _reconciler
     from shared import settings as settings_mod
     from shared.db.migrations import upgrade_database
-    from worker.reaper import DEFAULT_REAP_INTERVAL_S, ReaperThread, resend_queued_after_s
+    from worker.reaper import DEFAULT_REAP_INTERVAL_S, ReaperThread
     from worker.runtime import load_runtime
 
     if not logging.getLogger().handlers:
@@ -94,9 +97,20 @@ def start_worker_process(hostname: str | None = None) -> None:
         if interval > 0:
             _reaper = ReaperThread(settings.database_url, runtime.heartbeat_timeout_s,
                                    runtime.max_attempts, interval_s=interval, send=_requeue,
-                                   requeue_queued_after_s=resend_queued_after_s(),
-                                   jobs_dir=runtime.storage.jobs_dir)
+                                   jobs_dir=runtime.storage.jobs_dir, redis_url=settings.redis_url)
             _reaper.start()
+    if _reconciler is None and settings.reconcile_interval_s > 0 and settings.resend_queued_after_s:
+        from worker.reconcile import ReconcileThread
+
+        _reconciler = ReconcileThread(settings.database_url, settings.redis_url, settings.reconcile_interval_s,
+                                      settings.resend_queued_after_s, send=_requeue)
+        _reconciler.start()
+    if _job_heartbeat is None:
+        from shared import fleet
+        from worker.heartbeat import JobHeartbeat, job_heartbeat_interval
+
+        _job_heartbeat = JobHeartbeat(runtime, job_heartbeat_interval(runtime.heartbeat_timeout_s,
+                                                                      fleet.interval_s())).start()
     if _heartbeat is None:
         from shared import fleet
         from worker.heartbeat import FleetHeartbeat
@@ -147,6 +161,10 @@ def _on_worker_shutting_down(**_kwargs) -> None:
         runtime_mod._runtime.stopping.set()
     if _reaper is not None:
         _reaper.stop()
+    if _reconciler is not None:
+        _reconciler.stop()
+    # The job heartbeats go on until the process ends: the jobs still running
+    # stop at their next step and are handed back meanwhile.
     if _heartbeat is not None:
         _heartbeat.stop()
 

@@ -138,7 +138,8 @@ def test_ebb_reap_command(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "requeued 0, failed 0, resent 0, cancelled 0, removed 1 leftover artifact folder(s)" in result.stdout
+    assert "requeued 0, failed 0, resent 0, cancelled 0;" in result.stdout
+    assert "0 lost message(s) re-sent; removed 1 leftover artifact folder(s)" in result.stdout
     assert not leftover.exists()
 
 
