@@ -38,6 +38,11 @@ from worker.celery_app import TASK_EXPLAIN, celery_app, send_explain
 
 log = logging.getLogger(__name__)
 
+# ``--pool threads`` selects worker.pool.ThreadPool: SIGQUIT hands running jobs back cleanly.
+from worker.pool import install as _install_pool  # noqa: E402
+
+_install_pool()
+
 
 class JobFailed(Exception):
     """Raised by the task after its job was failed in the database, so that
