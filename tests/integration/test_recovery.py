@@ -258,3 +258,28 @@ def test_ebb_run_turns_aof_on_in_a_local_redis_without_it(start_redis_server):
     assert ensure_aof(redis.url()) == "AOF turned on (CONFIG SET appendonly yes)"
     assert redis.client().config_get("appendonly") == {"appendonly": "yes"}
     assert ensure_aof(redis.url()) == "AOF on"
+
+
+# --------------------------------------------------------------------------- SIGQUIT
+
+
+def test_sigquit_hands_the_running_job_back_without_a_critical_error(start_redis_server, spawn, sqlite_url,
+                                                                    tmp_path, image_bytes):
+    redis = start_redis_server("redis", appendonly=True)
+    common = dict(database_url=sqlite_url, redis_url=redis.url(), data_dir=tmp_path / "data",
+                  queue_prefix="recovery-quit")
+    first = spawn("quit", **common)
+    job_id = first.submit(image_bytes, config=LONG)
+    wait_for(lambda: (j := first.job(job_id)).status == "running" and j.progress_iteration > 0,
+             timeout=120, interval=0.05, what="the job to make progress")
+    os.killpg(first.worker.proc.pid, signal.SIGQUIT)  # cold shutdown
+    first.worker.proc.wait(60)
+    log = first.worker.log_text()
+    assert "CRITICAL" not in log and "NotImplementedError" not in log, log[-3000:]
+    assert "re-queued (worker shutting down)" in log
+    job = first.job(job_id)
+    assert (job.status, job.attempts, job.progress_iteration) == ("queued", 0, 0)
+    second = spawn("after-quit", **common)
+    job = second.wait(job_id, timeout=180)
+    assert job.status == "succeeded", job.error
+    assert job.attempts == 1
