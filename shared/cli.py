@@ -343,6 +343,28 @@ def loadable_models(models: list[str], weights_file: str | None = None,
     return ok
 
 
+def web_argv(host: str, port: int) -> list[str]:
+    """The web server ``ebb run`` starts: gunicorn with ``web/gunicorn_conf.py``
+    (the JSON threaded worker and its ``EBB_WEB_*`` settings, as ``ebb web`` and
+    the web image), one process on ``host:port``."""
+    bind = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    return [sys.executable, "-m", "gunicorn", "-c", web_command.GUNICORN_CONFIG, "--bind", bind,
+            "--workers", "1", "--graceful-timeout", "10", web_command.WSGI_APP]
+
+
+def _wait_web(proc: subprocess.Popen, host: str, port: int, timeout: float = 120.0) -> None:
+    """Block until the web server accepts connections; RuntimeError if it exits first."""
+    probe = "127.0.0.1" if host in ("0.0.0.0", "") else host.strip("[]")
+    deadline = time.monotonic() + timeout
+    while not port_open(probe, port):
+        if proc.poll() is not None:
+            raise RuntimeError(f"the web server (gunicorn) exited with status {proc.returncode} "
+                               f"(is port {port} free?)")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the web server did not listen on {host}:{port} within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     data_dir = Path(args.data_dir or env.get("DATA_DIR") or "data").resolve()
@@ -364,6 +386,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     env.setdefault("EBB_SECRET_KEY", _local_secret_key(data_dir))
 
     redis_proc = None
+    web: subprocess.Popen | None = None
     workers: list[subprocess.Popen] = []
     stopping = False
 
@@ -403,18 +426,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
             _watch(proc, f"worker for {name}")
         print(f"Models: {', '.join(models)} (default {models[0]})")
 
-        from werkzeug.serving import make_server
-
-        from web import create_app
-
-        server = make_server(args.host, args.port, create_app(), threaded=True)
-        url = f"http://{'localhost' if args.host in ('127.0.0.1', '0.0.0.0') else args.host}:{server.port}/"
+        web = subprocess.Popen(
+            web_argv(args.host, args.port), env=env,
+            start_new_session=True,  # Ctrl-C goes to us; we stop it in order
+        )
+        _wait_web(web, args.host, args.port)
+        url = f"http://{'localhost' if args.host in ('127.0.0.1', '0.0.0.0') else args.host}:{args.port}/"
         print(f"\n  explain-black-box is running: open {url}\n  (Ctrl-C to stop)\n", flush=True)
-        try:
-            server.serve_forever()
-        finally:
-            stopping = True
-            server.server_close()
+        code = web.wait()
+        raise RuntimeError(f"the web server (gunicorn) exited with status {code}")
     except KeyboardInterrupt:
         stopping = True
     finally:
@@ -424,8 +444,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for proc in workers:  # ask them all to stop at once, then wait for each
             if proc.poll() is None:
                 proc.terminate()
+        if web is not None and web.poll() is None:
+            web.terminate()
         for proc in workers:
             stop_process(proc, "worker", timeout=args.stop_timeout)
+        stop_process(web, "web server", timeout=15)
         stop_process(redis_proc, "redis-server", timeout=5)
     return 0
 

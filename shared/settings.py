@@ -16,6 +16,11 @@ def _csv(value: str | None) -> tuple[str, ...]:
 
 #: Job submissions allowed per client when ``EBB_RATE_LIMIT`` is not set.
 DEFAULT_RATE_LIMIT = "30/minute;500/hour"
+#: Admission limits (see :mod:`shared.cost`) when their variables are not set.
+DEFAULT_MAX_JOB_MEMORY = 4 * 2**30
+DEFAULT_MAX_JOB_WORK = 100_000
+DEFAULT_MAX_PIXELS = 25_000_000
+DEFAULT_MAX_ARTIFACT_SIDE = 2048
 #: ``EBB_RATE_LIMIT`` values that switch rate limiting off.
 _RATE_LIMIT_OFF = ("0", "off", "none", "false", "no", "disabled")
 
@@ -56,9 +61,37 @@ class Settings:
             its queue is re-sent once it was enqueued this many seconds ago;
             env ``EBB_RESEND_QUEUED_AFTER``, default 20; ``0`` (stored as
             ``None``) never re-sends.
-        test_slow_scoring_s: tests only: a worker sleeps this long before
-            scoring each job (a long scoring phase); env
-            ``EBB_TEST_SLOW_SCORING_SECONDS``, default 0.
+        web_threads: threads per gunicorn worker process (the
+            :class:`web.gunicorn_worker.JsonThreadWorker`); env
+            ``EBB_WEB_THREADS``, default 16.
+        web_timeout: gunicorn's worker ``timeout`` in seconds (a worker
+            silent that long is restarted); env ``EBB_WEB_TIMEOUT``, default 30.
+        web_body_timeout: seconds a client has to send a whole request
+            (headers and body) once it started; slower ones get a JSON 408;
+            env ``EBB_WEB_BODY_TIMEOUT``, default 30.
+        min_free_mb: free space (MiB) ``data_dir`` must keep for an upload to
+            be accepted (else 507 ``insufficient_storage``) and for ``/readyz``
+            to say ready; env ``EBB_MIN_FREE_MB``, default 100.
+        max_job_memory: admission limit on a job's estimated memory in bytes
+            (:mod:`shared.cost`); env ``EBB_MAX_JOB_MEMORY`` (``4GiB``,
+            ``512MiB``, ``2GB`` or bytes), default 4 GiB.
+        max_job_work: admission limit on a job's mask-iterations (targets x
+            iterations x areas); env ``EBB_MAX_JOB_WORK``, default 100000.
+        max_pixels: largest decoded image (width x height), checked from the
+            image header before decoding; env ``EBB_MAX_PIXELS``, default
+            25000000.
+        job_timeout_s: a job's time budget in seconds; env ``EBB_JOB_TIMEOUT``:
+            ``auto`` (default, stored as None: max(600 s, 10 x the cost
+            model's estimate)) or a number of seconds.
+        max_artifact_side: longest side in pixels of the overlay, saliency and
+            Grad-CAM images (and ``saliency.npy``); env
+            ``EBB_MAX_ARTIFACT_SIDE``, default 2048.
+        device_memory: memory budget in bytes of the worker engine's batch;
+            env ``EBB_DEVICE_MEMORY``, default None: what the device reports.
+        test_slow_scoring_s: TEST ONLY: seconds the worker sleeps before
+            scoring each target, so a test can cancel during scoring; env
+            ``EBB_TEST_SLOW_SCORING_SECONDS``, default 0. Never set it in
+            production.
     """
 
     data_dir: Path
@@ -75,6 +108,16 @@ class Settings:
     trusted_proxies: int = 0
     reconcile_interval_s: float = 15.0
     resend_queued_after_s: float | None = 20.0
+    web_threads: int = 16
+    web_timeout: float = 30.0
+    web_body_timeout: float = 30.0
+    min_free_mb: float = 100.0
+    max_job_memory: int = DEFAULT_MAX_JOB_MEMORY
+    max_job_work: int = DEFAULT_MAX_JOB_WORK
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    job_timeout_s: float | None = None
+    max_artifact_side: int = DEFAULT_MAX_ARTIFACT_SIDE
+    device_memory: int | None = None
     test_slow_scoring_s: float = 0.0
 
 
@@ -85,7 +128,7 @@ def _rate_limit(value: str | None) -> str:
     return "" if value.lower() in _RATE_LIMIT_OFF else value
 
 
-def _seconds(env, name: str, default: float) -> float:
+def _interval(env, name: str, default: float) -> float:
     """A non-negative, finite number of seconds from ``env[name]`` (blank: ``default``)."""
     import math
 
@@ -99,6 +142,68 @@ def _seconds(env, name: str, default: float) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be 0 or more seconds, got {raw!r}")
     return value
+
+
+def _number(env, name: str, default: float, minimum: float, cast=float):
+    """``env[name]`` as ``cast`` (``default`` when unset or blank); ``ValueError``
+    naming the variable when it is not a number or is below ``minimum``."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return cast(default)
+    try:
+        value = cast(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if not value >= minimum:  # also rejects NaN
+        raise ValueError(f"{name} must be at least {minimum:g}, got {raw!r}")
+    return value
+
+
+def _positive_int(env, name: str, default: int) -> int:
+    raw = str(env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a positive integer, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {raw!r}")
+    return value
+
+
+def _bytes(env, name: str, default: int | None) -> int | None:
+    from shared.cost import parse_bytes
+
+    raw = str(env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        return parse_bytes(raw)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+
+
+def _job_timeout(env) -> float | None:
+    raw = str(env.get("EBB_JOB_TIMEOUT") or "").strip().lower()
+    if raw in ("", "auto"):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"EBB_JOB_TIMEOUT must be auto or a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _seconds(env, name: str) -> float:
+    raw = str(env.get(name) or "").strip()
+    try:
+        value = float(raw) if raw else 0.0
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
+    return max(0.0, value)
 
 
 def load(environ: dict[str, str] | None = None) -> Settings:
@@ -119,7 +224,17 @@ def load(environ: dict[str, str] | None = None) -> Settings:
         rate_limit_prefix=(env.get("EBB_RATE_LIMIT_PREFIX") or "").strip()
         or f"{env.get('EBB_QUEUE_PREFIX') or 'explain'}-ratelimit",
         trusted_proxies=int(env.get("EBB_TRUSTED_PROXIES", "0") or 0),
-        reconcile_interval_s=_seconds(env, "EBB_RECONCILE_INTERVAL", 15.0),
-        resend_queued_after_s=_seconds(env, "EBB_RESEND_QUEUED_AFTER", 20.0) or None,
-        test_slow_scoring_s=_seconds(env, "EBB_TEST_SLOW_SCORING_SECONDS", 0.0),
+        reconcile_interval_s=_interval(env, "EBB_RECONCILE_INTERVAL", 15.0),
+        resend_queued_after_s=_interval(env, "EBB_RESEND_QUEUED_AFTER", 20.0) or None,
+        web_threads=_number(env, "EBB_WEB_THREADS", 16, 1, int),
+        web_timeout=_number(env, "EBB_WEB_TIMEOUT", 30.0, 1.0),
+        web_body_timeout=_number(env, "EBB_WEB_BODY_TIMEOUT", 30.0, 0.1),
+        min_free_mb=_number(env, "EBB_MIN_FREE_MB", 100.0, 0.0),
+        max_job_memory=_bytes(env, "EBB_MAX_JOB_MEMORY", DEFAULT_MAX_JOB_MEMORY) or DEFAULT_MAX_JOB_MEMORY,
+        max_job_work=_positive_int(env, "EBB_MAX_JOB_WORK", DEFAULT_MAX_JOB_WORK),
+        max_pixels=_positive_int(env, "EBB_MAX_PIXELS", DEFAULT_MAX_PIXELS),
+        job_timeout_s=_job_timeout(env),
+        max_artifact_side=_positive_int(env, "EBB_MAX_ARTIFACT_SIDE", DEFAULT_MAX_ARTIFACT_SIDE),
+        device_memory=_bytes(env, "EBB_DEVICE_MEMORY", None),
+        test_slow_scoring_s=_seconds(env, "EBB_TEST_SLOW_SCORING_SECONDS"),
     )

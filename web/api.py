@@ -29,7 +29,9 @@ def create_job():
             jobs_svc.single_image(request.files),
             models=st.settings.models,
             labels=st.labels,
+            max_pixels=st.settings.max_pixels,
         )
+        jobs_svc.admit(sub, st.settings)
     except jobs_svc.SubmissionErrors as errors:
         raise errors.first() from None
     db = get_db()

@@ -21,6 +21,7 @@ CODES = {
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
+    408: "request_timeout",
     409: "conflict",
     411: "length_required",
     413: "payload_too_large",
@@ -30,6 +31,7 @@ CODES = {
     431: "request_header_fields_too_large",
     500: "internal_error",
     503: "service_unavailable",
+    507: "insufficient_storage",
 }
 
 TITLES = {
@@ -42,6 +44,7 @@ TITLES = {
     429: "Too many requests",
     500: "Something went wrong",
     503: "Service unavailable",
+    507: "Storage full",
 }
 
 

@@ -12,6 +12,12 @@ folder when unset (removed at exit), else it empties the folder named (the
 client's docs: wipe it between runs). ``child_exit`` tells the client a
 worker died (``mark_process_dead``), for its live gauges.
 
+Workers are :class:`web.gunicorn_worker.JsonThreadWorker` (gunicorn's
+``gthread`` with JSON early errors and a whole-request deadline):
+``EBB_WEB_THREADS`` threads each (default 16), ``EBB_WEB_TIMEOUT`` (30 s)
+as gunicorn's ``timeout``, ``EBB_WEB_BODY_TIMEOUT`` (30 s) for a client to
+send a request (see :class:`shared.settings.Settings`).
+
 ``EBB_LOG_FORMAT=json`` also turns gunicorn's own error and access logs into
 JSON lines (:class:`shared.logs.JsonFormatter`).
 """
@@ -27,6 +33,18 @@ import tempfile
 bind = os.environ.get("EBB_WEB_BIND", "0.0.0.0:8000")
 workers = int(os.environ.get("EBB_WEB_WORKERS", "4") or 4)
 accesslog = "-"
+
+
+def _server_settings():
+    from shared.settings import load
+
+    return load()
+
+
+_settings = _server_settings()
+worker_class = "web.gunicorn_worker.JsonThreadWorker"
+threads = _settings.web_threads
+timeout = max(1, round(_settings.web_timeout))  # gunicorn wants whole seconds
 
 
 def _multiprocess_dir() -> str:

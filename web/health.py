@@ -25,9 +25,28 @@ def healthz():
     return response
 
 
+def _storage_problem() -> str | None:
+    """Why the data store cannot take an upload now, or None when it can."""
+    from shared.storage_check import StorageFault, check_storage
+
+    st = state()
+    folder = getattr(st.storage, "uploads_dir", None)
+    if folder is None:
+        return None
+    try:
+        check_storage(folder, st.settings.min_free_mb)
+    except StorageFault as fault:
+        log.warning("readyz: %s", fault.message)
+        return fault.message
+    return None
+
+
 @bp.get("/readyz")
 def readyz():
-    """200 when the database answers ``SELECT 1`` and Redis answers PING, else 503.
+    """200 when the database answers ``SELECT 1``, Redis answers PING and the
+    data store can take an upload (writable, ``EBB_MIN_FREE_MB`` free:
+    ``checks.storage`` is ``ok``, else ``error`` with the reason in
+    ``storage``), else 503.
 
     The body also counts the live workers per model (``workers``); a model
     without a worker does not make the web unready: jobs wait for one.
@@ -53,8 +72,12 @@ def readyz():
     except Exception as exc:  # noqa: BLE001
         log.warning("readyz: redis unreachable: %s", exc)
         checks["redis"] = f"error: {type(exc).__name__}"
+    storage_problem = _storage_problem()
+    checks["storage"] = "ok" if storage_problem is None else "error"
     failed = [name for name, result in checks.items() if result != "ok"]
     body = {"status": "ready" if not failed else "unavailable", "checks": checks}
+    if storage_problem is not None:
+        body["storage"] = storage_problem
     # Informational, never a failure: workers may join later (the web itself is ready).
     workers = live_workers() if checks["redis"] == "ok" else None
     if workers is not None:

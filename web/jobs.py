@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import math
@@ -26,8 +27,8 @@ from sqlalchemy.orm import Session
 from shared.attribution.config import BLURS, GAMES, MAX_AREAS, METHODS, PERTURBATIONS, PRECISIONS
 from shared.attribution.config import PerturbationConfig
 from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
-
 from shared.imaging.render import ARTIFACT_NAMES, EXTRA_ARTIFACT_NAMES, RESULTS_SUBDIR
+from shared.storage_check import FULL, StorageFault, check_storage, classify_os_error
 
 from .errors import ApiError
 from .fleet import queue_info, scoring_estimate_s
@@ -336,7 +337,8 @@ def parse_submission(
                     data, max_pixels=max_pixels
                 )
             except ValueError as exc:  # ImageDecodeError is a ValueError
-                errors["image"] = ("invalid_image", _image_message(exc))
+                code = "too_expensive" if getattr(exc, "code", None) == "too_many_pixels" else "invalid_image"
+                errors["image"] = (code, _image_message(exc))
 
     getlist = getattr(form, "getlist", None)
     if getlist is not None:  # a field given twice is ambiguous: refuse it
@@ -364,6 +366,23 @@ def parse_submission(
     )
 
 
+def admit(sub: Submission, settings: Any) -> None:
+    """Admission control: raise :class:`SubmissionErrors` with code
+    ``too_expensive`` on the field to lower when ``sub``'s estimated memory or
+    work (:mod:`shared.cost`) is over ``EBB_MAX_JOB_MEMORY`` /
+    ``EBB_MAX_JOB_WORK``. Nothing is stored."""
+    from shared.cost import TooExpensive, check, estimate
+
+    n = sub.target_count
+    cost = estimate(sub.config, sub.model, sub.width, sub.height, n)
+    try:
+        check(cost, sub.config, max_memory=settings.max_job_memory, max_work=settings.max_job_work,
+              n_targets=n, targets_field="targets" if sub.targets else "top_k",
+              width=sub.width, height=sub.height)
+    except TooExpensive as exc:
+        raise SubmissionErrors({exc.field: ("too_expensive", exc.message)}) from None
+
+
 def single_image(files: Any) -> Any:
     """The one uploaded ``image`` file of ``files`` (None if absent); several are a 400."""
     images = files.getlist("image")
@@ -384,9 +403,68 @@ class QueueUnavailable(Exception):
     pass
 
 
-def create_job(db: Session, storage: Any, sub: Submission) -> Job:
-    """Store the upload, insert the job (status queued) and commit."""
-    sha = storage.save_upload(sub.data)
+def storage_error(fault: StorageFault) -> ApiError:
+    """The API error for a data store that cannot take an upload: 507
+    ``insufficient_storage`` when it is full, else 503 ``storage_unavailable``."""
+    if fault.kind == FULL:
+        return ApiError(507, "insufficient_storage", fault.message)
+    return ApiError(503, "storage_unavailable", fault.message)
+
+
+def check_store(storage: Any, min_free_mb: float) -> None:
+    """:func:`shared.storage_check.check_storage` on the upload folder, as an
+    :class:`ApiError` (507/503). A store without a local folder is not checked here."""
+    folder = getattr(storage, "uploads_dir", None)
+    if folder is None:
+        return
+    try:
+        check_storage(folder, min_free_mb)
+    except StorageFault as fault:
+        log.warning("upload refused: %s", fault.message)
+        raise storage_error(fault) from None
+
+
+def store_upload(storage: Any, data: bytes, min_free_mb: float) -> tuple[str, bool]:
+    """Check the store, then save ``data``; return ``(sha256, created)`` where
+    ``created`` says the file was not there before (so it may be removed again).
+    A failed write leaves nothing behind and raises :class:`ApiError` 507/503."""
+    check_store(storage, min_free_mb)
+    sha = hashlib.sha256(data).hexdigest()
+    path = storage.upload_path(sha)
+    existed = path.is_file()
+    try:
+        return storage.save_upload(data), not existed
+    except OSError as exc:  # atomic_write removed its temporary file
+        fault = classify_os_error(exc)
+        log.warning("upload refused: %s (%s)", fault.message, exc)
+        raise storage_error(fault) from None
+
+
+def discard_upload(db: Session, storage: Any, sha: str) -> None:
+    """Remove upload ``sha`` unless a job still refers to it (best effort)."""
+    try:
+        if db.scalar(select(func.count()).select_from(Job).where(Job.image_sha256 == sha)):
+            return
+        storage.upload_path(sha).unlink(missing_ok=True)
+    except Exception:  # noqa: BLE001 - never hide the error being answered
+        db.rollback()
+        log.warning("could not remove the upload %s of an unqueued job", sha, exc_info=True)
+
+
+def create_job(db: Session, storage: Any, sub: Submission, min_free_mb: float = 0.0) -> Job:
+    """Check the data store, store the upload, insert the job (status queued)
+    and commit. Nothing stays on disk when any of it fails."""
+    sha, created = store_upload(storage, sub.data, min_free_mb)
+    try:
+        return _insert_job(db, sub, sha)
+    except BaseException:
+        db.rollback()
+        if created:
+            discard_upload(db, storage, sha)
+        raise
+
+
+def _insert_job(db: Session, sub: Submission, sha: str) -> Job:
     now = utcnow()
     job = Job(
         id=uuid.uuid4(),
@@ -451,19 +529,26 @@ def enqueue(job: Job) -> None:
         raise QueueUnavailable(str(exc)) from exc
 
 
-def submit(db: Session, storage: Any, sub: Submission) -> Job:
-    """Create and queue a job; on a queue failure remove the row and raise
-    :class:`ApiError` 503 ``queue_unavailable``."""
-    job = create_job(db, storage, sub)
+def submit(db: Session, storage: Any, sub: Submission, min_free_mb: float | None = None) -> Job:
+    """Create and queue a job; on a queue failure remove the row (and the
+    upload, if no other job uses it) and raise :class:`ApiError` 503
+    ``queue_unavailable``. ``min_free_mb`` defaults to the app's
+    ``EBB_MIN_FREE_MB``; a full or unwritable store raises 507/503 first."""
+    if min_free_mb is None:
+        min_free_mb = current_app.extensions["ebb"].settings.min_free_mb
+    job = create_job(db, storage, sub, min_free_mb)
     try:
         enqueue(job)
     except QueueUnavailable:
+        sha = job.image_sha256
         try:
             db.execute(Job.__table__.delete().where(Job.id == job.id))
             db.commit()
         except Exception:  # pragma: no cover - the DB failing too
             db.rollback()
             log.exception("could not delete unqueued job %s", job.id)
+        else:
+            discard_upload(db, storage, sha)
         raise ApiError(
             503,
             "queue_unavailable",

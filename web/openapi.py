@@ -519,8 +519,13 @@ def _base_document(server_url: str) -> dict[str, Any]:
         "405": _error_response("Method not allowed.", "method_not_allowed"),
         "409": _error_response("The job is already finished.", "conflict"),
         "413": _error_response("The upload is too large.", "payload_too_large"),
-        "503": _error_response("The job queue is unavailable; nothing was stored.",
-                               "queue_unavailable"),
+        "503": _error_response("The job queue (`queue_unavailable`) or the data store "
+                               "(`storage_unavailable`: read-only or unwritable) is unavailable; "
+                               "nothing was stored.", "queue_unavailable"),
+        "507": _error_response("The data store is full (less than `EBB_MIN_FREE_MB` free); "
+                               "nothing was stored.", "insufficient_storage"),
+        "408": _error_response("The request body was not received within `EBB_WEB_BODY_TIMEOUT` "
+                               "seconds.", "request_timeout"),
     }
     job_ref = {"$ref": "#/components/schemas/Job"}
     artifact_name = {"name": "name", "in": "path", "required": True,
@@ -666,10 +671,21 @@ def _base_document(server_url: str) -> dict[str, Any]:
                                                 "parameters": {"job_id": "$response.body#/id"}},
                             },
                         },
-                        "400": errors["400"],
+                        "400": _error_response(
+                            "Invalid input (`invalid_value`, `invalid_image`, `invalid_target`, "
+                            "`unknown_model`, `missing_field`), or `too_expensive`: the job is "
+                            "over an admission limit (estimated memory over `EBB_MAX_JOB_MEMORY`, "
+                            "default 4 GiB; mask-iterations = targets x iterations x areas over "
+                            "`EBB_MAX_JOB_WORK`, default 100000; decoded pixels over "
+                            "`EBB_MAX_PIXELS`, default 25000000, read from the image header). "
+                            "`field` names the input to lower (`input_size`, `iterations`, "
+                            "`areas`, `top_k`, `targets` or `image`). Nothing is stored.",
+                            "too_expensive"),
                         "405": errors["405"],
+                        "408": errors["408"],
                         "413": errors["413"],
                         "503": errors["503"],
+                        "507": errors["507"],
                     },
                 },
                 "get": {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
 import uuid
 from datetime import datetime
@@ -31,11 +32,15 @@ from .db import get_db, state
 from .errors import ApiError
 from .forms import JobForm
 
+log = logging.getLogger(__name__)
+
 bp = Blueprint("pages", __name__)
 
 #: Formats every browser displays; anything else is re-encoded as PNG.
 _BROWSER_MIMES = {"image/jpeg", "image/png", "image/gif", "image/webp", "image/bmp"}
 THUMB_SIZE = 320
+#: Folder of ``DATA_DIR`` with the capped renditions of large uploads (see :func:`job_image`).
+RENDITIONS_DIR = "renditions"
 
 METHOD_NAMES = {
     "meaningful_perturbation": "Meaningful perturbation",
@@ -201,8 +206,9 @@ def submit():
     try:
         sub = jobs_svc.parse_submission(
             request.form, jobs_svc.single_image(request.files), models=st.settings.models,
-            labels=st.labels, blank_is_default=True,
+            labels=st.labels, blank_is_default=True, max_pixels=st.settings.max_pixels,
         )
+        jobs_svc.admit(sub, st.settings)
     except jobs_svc.SubmissionErrors as errors:
         for name, (_code, message) in errors.errors.items():
             field = getattr(form, name, None)
@@ -328,24 +334,42 @@ def _open_upload(job: Job):
 
 @bp.get("/jobs/<uuid:job_id>/image")
 def job_image(job_id: uuid.UUID):
-    """The uploaded image, as uploaded when browsers can show it, else as PNG."""
-    from PIL import Image
+    """The uploaded image: as uploaded when a browser can show it and its
+    longest side is within ``EBB_MAX_ARTIFACT_SIDE``, else a PNG rendition
+    capped to that side (upright, aspect ratio kept), made once and stored as
+    ``DATA_DIR/renditions/<sha256>-<side>.png``."""
+    from PIL import Image, ImageOps
+
+    from shared.imaging.render import capped_size
+    from shared.storage import atomic_write
 
     job = _job_or_404(job_id)
+    st = state()
+    side = int(st.settings.max_artifact_side)
+    rendition = st.storage.data_dir / RENDITIONS_DIR / f"{job.image_sha256}-{side}.png"
+    if rendition.is_file():
+        return send_file(rendition, mimetype="image/png", max_age=86400, conditional=True)
     path = _open_upload(job)
     try:
         with Image.open(path) as img:
             mime = Image.MIME.get(img.format or "", "")
-            if mime not in _BROWSER_MIMES:
-                buffer = io.BytesIO()
-                img.convert("RGB").save(buffer, "PNG")
-                buffer.seek(0)
-                response = send_file(buffer, mimetype="image/png", max_age=86400)
-                return response
+            if mime in _BROWSER_MIMES and max(img.size) <= side:
+                return send_file(path, mimetype=mime, max_age=86400, conditional=True,
+                                 download_name=job.image_filename)
+            img.draft("RGB", capped_size(*img.size, side))  # JPEG: decode at a reduced scale
+            upright = ImageOps.exif_transpose(img).convert("RGB")
+            upright.thumbnail((side, side), Image.Resampling.LANCZOS)
+            buffer = io.BytesIO()
+            upright.save(buffer, "PNG", compress_level=1)
     except (OSError, ValueError, Image.DecompressionBombError):
         abort(404, description="The uploaded image cannot be displayed.")
-    return send_file(path, mimetype=mime, max_age=86400, conditional=True,
-                     download_name=job.image_filename)
+    try:
+        atomic_write(rendition, buffer.getvalue())
+    except OSError as exc:  # a full or read-only store: serve it unstored
+        log.warning("image rendition of job %s not stored: %s", job_id, exc)
+        buffer.seek(0)
+        return send_file(buffer, mimetype="image/png", max_age=86400)
+    return send_file(rendition, mimetype="image/png", max_age=86400, conditional=True)
 
 
 @bp.get("/jobs/<uuid:job_id>/thumbnail")
@@ -370,5 +394,10 @@ def job_thumbnail(job_id: uuid.UUID):
                 img.save(buffer, "JPEG", quality=85, optimize=True)
         except (OSError, ValueError, Image.DecompressionBombError):
             abort(404, description="The uploaded image cannot be displayed.")
-        atomic_write(cache, buffer.getvalue())
+        try:
+            atomic_write(cache, buffer.getvalue())
+        except OSError as exc:  # a full or read-only store: serve it uncached
+            log.warning("thumbnail of job %s not cached: %s", job_id, exc)
+            buffer.seek(0)
+            return send_file(buffer, mimetype="image/jpeg", max_age=86400)
     return send_file(cache, mimetype="image/jpeg", max_age=86400, conditional=True)

@@ -122,6 +122,40 @@ def wants_channels_last(classifier: Classifier, environ: Any = None) -> bool:
     )
 
 
+def device_memory_budget(device: str, setting: int | None = None) -> int | None:
+    """Bytes the engine's batch may use: ``setting`` (``EBB_DEVICE_MEMORY``)
+    when given, else 90% of what the device reports free now (CUDA:
+    ``torch.cuda.mem_get_info``; CPU: ``MemAvailable`` of ``/proc/meminfo``),
+    or None when it cannot tell."""
+    if setting is not None:
+        return int(setting)
+    try:
+        if str(device).startswith("cuda"):
+            import torch
+
+            free, _total = torch.cuda.mem_get_info(torch.device(device))
+            return int(free * 0.9)
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(int(line.split()[1]) * 1024 * 0.9)
+    except Exception:  # noqa: BLE001 - no budget rather than no worker
+        log.warning("could not read the device's free memory; batches are not memory-bounded")
+    return None
+
+
+def _plan_key(config: PerturbationConfig) -> tuple:
+    """:func:`_group_key` of the run ``config`` will create."""
+    if config.method == "extremal":
+        return ("extremal", config.input_size)
+    return ("mp", config.input_size, config.precision)
+
+
+def _items(config: PerturbationConfig) -> int:
+    """Masks one run of ``config`` puts in its group's batch (one per extremal area)."""
+    return len(config.areas) if config.method == "extremal" else 1
+
+
 @dataclass
 class _Pending:
     image: Any
@@ -194,12 +228,21 @@ class BatchEngine:
             :attr:`mask_iterations`). The worker's
             metrics hook (:func:`worker.metrics.engine_hook`); its errors are
             logged and ignored.
+        memory_budget: bytes the batch may use (``EBB_DEVICE_MEMORY`` or
+            :func:`device_memory_budget`); None: unbounded. A job is admitted
+            only when the estimated peak memory of the batch with it
+            (:meth:`planned_memory`, from :func:`shared.cost.item_memory`)
+            stays within the budget; it waits otherwise, and fails alone
+            when it would exceed the budget in an empty batch.
+        model_name: the model's name in the cost table (default
+            ``classifier.name``).
     """
 
     def __init__(self, classifier: Classifier, max_batch: int = CPU_DEFAULT_BATCH,
                  channels_last: bool | None = None, reproducible: bool | None = None,
                  layout_width: int | None = None,
-                 on_batch: Callable[[str, int, int], None] | None = None):
+                 on_batch: Callable[[str, int, int], None] | None = None,
+                 memory_budget: int | None = None, model_name: str | None = None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if channels_last is None:
@@ -238,6 +281,10 @@ class BatchEngine:
         self.mask_iterations = 0
         self.busy_s = 0.0
         self.on_batch = on_batch
+        self.memory_budget = memory_budget
+        self.model_name = model_name or str(getattr(classifier, "name", "") or "")
+        #: Highest :meth:`planned_memory` of a batch the engine formed (bytes).
+        self.max_planned_memory = 0
 
     # ----------------------------------------------------------------- public API
 
@@ -310,13 +357,55 @@ class BatchEngine:
 
     # ----------------------------------------------------------------- engine thread
 
+    def planned_memory(self, configs: list[PerturbationConfig]) -> int:
+        """Estimated peak memory (bytes) of a batch of runs of ``configs``.
+
+        Groups are stepped one after the other, so the peak is the largest
+        group's: a Meaningful Perturbation group steps chunks of
+        ``layout_width`` samples in turn (all of them, padding included, when
+        reproducible), an extremal group one batch of all its areas.
+        """
+        from shared.cost import item_memory
+
+        groups: dict[tuple, list[PerturbationConfig]] = {}
+        for config in configs:
+            groups.setdefault(_plan_key(config), []).append(config)
+        peak = 0
+        for key, members in groups.items():
+            item = item_memory(self.model_name, key[1], "meaningful_perturbation" if key[0] == "mp" else "extremal")
+            if key[0] == "mp":
+                width = self.layout_width if self.reproducible else min(len(members), self.max_batch)
+                size = item * (width if self.reproducible else min(len(members), width))
+            else:
+                size = item * sum(_items(c) for c in members)
+            peak = max(peak, size)
+        return peak
+
     def _admit(self) -> None:
-        """Move pending jobs into the batch while there is room (engine thread)."""
+        """Move pending jobs into the batch while there is room (engine thread):
+        at most ``max_batch`` runs, within ``memory_budget``."""
         while True:
             with self._cond:
                 if not self._pending or len(self._active) >= self.max_batch:
                     return
-                job = self._pending.popleft()
+                job = self._pending[0]
+                if self.memory_budget is not None:
+                    active = [r.config for r, _ in self._active]
+                    planned = self.planned_memory(active + [job.config])
+                    if planned > self.memory_budget:
+                        if active:
+                            return  # wait for room: jobs are admitted in order
+                        self._pending.popleft()
+                        from shared.cost import format_bytes
+
+                        if job.future.set_running_or_notify_cancel():
+                            job.future.set_exception(MemoryError(
+                                f"the job needs about {format_bytes(planned)} in one batch, over the "
+                                f"worker's device memory budget of {format_bytes(self.memory_budget)} "
+                                f"(EBB_DEVICE_MEMORY); lower input_size or areas"))
+                        continue
+                    self.max_planned_memory = max(self.max_planned_memory, planned)
+                self._pending.popleft()
             if not job.future.set_running_or_notify_cancel():
                 continue
             try:

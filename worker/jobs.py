@@ -35,12 +35,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Mapping
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
 from shared.db.session import retrying, session_factory
 from shared.storage import parse_job_id
+from shared.storage_check import disk_full_message, disk_low_message, free_mb, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,8 @@ class ProgressReporter:
     only built when a write is due.
     """
 
-    def __init__(self, session: Session, claim: Claim, stopping, interval_s: float | None = None):
+    def __init__(self, session: Session, claim: Claim, stopping, interval_s: float | None = None,
+                 deadline: float | None = None):
         self.session = session
         self.claim = claim
         self.stopping = stopping
@@ -208,6 +210,15 @@ class ProgressReporter:
         self._last = float("-inf")
         self.cancel_requested = False
         self.superseded = False
+        #: ``time.monotonic()`` past which the job is over its time budget (None: no budget).
+        self.deadline = deadline
+        self.timed_out = False
+
+    def expired(self) -> bool:
+        """Whether the job is over its time budget (remembered in ``timed_out``)."""
+        if not self.timed_out and self.deadline is not None and time.monotonic() > self.deadline:
+            self.timed_out = True
+        return self.timed_out
 
     def due(self, iteration: int, total: int) -> bool:
         """Whether a call with these numbers would write."""
@@ -342,7 +353,7 @@ class TargetsProgress:
 
     def stop_all(self) -> bool:
         r = self.reporter
-        return r.cancel_requested or r.superseded or r.stopping.is_set()
+        return r.cancel_requested or r.superseded or r.stopping.is_set() or r.expired()
 
     def snapshot(self) -> dict[str, Any]:
         """Columns to write: ``live`` (one entry per target, the primary first:
@@ -393,14 +404,14 @@ class TargetsProgress:
         return on_step
 
 
-def _finish(session: Session, claim: Claim, **values: Any) -> bool:
-    """Conditional final write; ``False`` if the run was superseded."""
+def _finish(session: Session, claim: Claim, *, where: tuple = (), **values: Any) -> bool:
+    """Conditional final write (also on ``where``); ``False`` if the run was superseded."""
     now = utcnow()
     values.setdefault("finished_at", now)
     values.setdefault("heartbeat_at", now)
 
     def write():
-        return session.execute(update(Job).where(*_owned(claim)).values(**values)).rowcount
+        return session.execute(update(Job).where(*_owned(claim), *where).values(**values)).rowcount
 
     return _write(session, write, attempts=12) == 1
 
@@ -413,7 +424,7 @@ def _decode(runtime, claim: Claim):
     except (FileNotFoundError, ValueError):
         raise JobError(f"the uploaded image is missing (sha256 {claim.image_sha256[:12]}…)") from None
     try:
-        return decode_image(data)
+        return decode_image(data, max_pixels=int(runtime.settings.max_pixels))
     except ImageDecodeError as error:
         raise JobError(f"could not decode the image: {error}") from None
 
@@ -538,7 +549,7 @@ def run_job(job_id: str | uuid.UUID, runtime, hostname: str | None = None,
             message = one_line(error)
         except Exception as error:  # noqa: BLE001 - the worker must carry on
             log.exception("job %s failed", jid)
-            message = one_line(error)
+            message = one_line(JobError(disk_full_message(error))) if is_disk_full(error) else one_line(error)
         else:
             info["job_status"] = JobStatus.QUEUED.value if outcome == "requeued" else outcome
             _ended(claim, outcome, runtime)
@@ -613,11 +624,100 @@ def _evaluate(runtime, pixels, explanation):
         return None
 
 
+class Cancelled(Exception):
+    """The job was cancelled; seen at a :class:`Checkpoint` (``args[0]``: where)."""
+
+
+def _n_targets(claim: Claim) -> int:
+    if claim.targets:
+        return len(claim.targets)
+    return claim.top_k if claim.top_k and claim.top_k > 1 else 1
+
+
+def _admission(claim: Claim, runtime, decoded, config) -> tuple[Any, float]:
+    """Check the job against this worker's limits again (they may differ from
+    the web's); returns its estimated cost and its time budget in seconds."""
+    from shared.cost import TooExpensive, check, estimate, timeout_for
+
+    settings = runtime.settings
+    n = _n_targets(claim)
+    cost = estimate(config, claim.model or runtime.model_name, decoded.width, decoded.height, n)
+    try:
+        check(cost, config, max_memory=settings.max_job_memory, max_work=settings.max_job_work,
+              n_targets=n, targets_field="targets" if claim.targets else "top_k",
+              width=decoded.width, height=decoded.height)
+    except TooExpensive as error:
+        raise JobError(f"refused by the worker's limits: {error.message}") from None
+    return cost, timeout_for(cost, settings.job_timeout_s)
+
+
+def _timeout_message(budget_s: float, cost) -> str:
+    return (f"stopped: the job ran longer than its time budget of {budget_s:.0f} s "
+            f"(EBB_JOB_TIMEOUT; the cost model estimated {cost.seconds:.0f} s)")
+
+
+class Checkpoint:
+    """A check between two phases of a job (before and after scoring, between
+    targets, before the final commit): writes a heartbeat, then raises
+    :class:`Cancelled` when a cancel was requested, :class:`Superseded` when
+    the run lost the job, :class:`JobError` when it is over its time budget."""
+
+    def __init__(self, session: Session, claim: Claim, reporter: ProgressReporter, message: str):
+        self.session = session
+        self.claim = claim
+        self.reporter = reporter
+        self.message = message
+        self.passed: list[str] = []
+
+    def __call__(self, stage: str) -> None:
+        if self.reporter.expired():
+            raise JobError(self.message)
+
+        def write():
+            owned = self.session.execute(
+                update(Job).where(*_owned(self.claim)).values(heartbeat_at=utcnow())).rowcount
+            cancel = self.session.execute(
+                select(Job.cancel_requested).where(Job.id == self.claim.job_id)).scalar_one_or_none()
+            return owned, cancel
+
+        owned, cancel = _write(self.session, write)
+        if owned != 1:
+            raise Superseded()
+        if cancel:
+            self.reporter.cancel_requested = True
+            raise Cancelled(stage)
+        self.passed.append(stage)
+
+
+def _remove_dir(path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_disk(runtime) -> None:
+    """Fail the job at once, rather than after its whole run, when ``DATA_DIR``
+    has less than ``EBB_MIN_FREE_MB`` free (:class:`JobError`, saying to resubmit)."""
+    settings = getattr(runtime, "settings", None)
+    data_dir = getattr(getattr(runtime, "storage", None), "data_dir", None)
+    if settings is None or data_dir is None:
+        return
+    try:
+        free = free_mb(data_dir)
+    except OSError:
+        return  # not there yet: the writes will tell
+    if free < settings.min_free_mb:
+        raise JobError(disk_low_message(free, settings.min_free_mb))
+
+
 def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
     started = time.perf_counter()
+    _check_disk(runtime)
     decoded = _decode(runtime, claim)
     config = _config(claim)
-    reporter = ProgressReporter(session, claim, runtime.stopping)
+    cost, budget_s = _admission(claim, runtime, decoded, config)
+    reporter = ProgressReporter(session, claim, runtime.stopping, deadline=time.monotonic() + budget_s)
+    checkpoint = Checkpoint(session, claim, reporter, _timeout_message(budget_s, cost))
     targets = _targets(claim, runtime, decoded.pixels, config)
     preview = PreviewWriter(runtime.storage, claim.job_id, decoded.pixels) if PREVIEW_INTERVAL_S > 0 else None
     progress = TargetsProgress(reporter, [config.iterations] * len(targets), preview)
@@ -628,6 +728,8 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
     returned = time.perf_counter()
     if reporter.superseded:
         raise Superseded()
+    if reporter.timed_out and not reporter.cancel_requested:
+        raise JobError(checkpoint.message)
     explanation = explanations[0]
     timings: dict[str, Any] = {
         "seconds": explanation.elapsed_s,
@@ -658,32 +760,53 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
             raise Superseded()
         return "cancelled"
 
-    # Faithfulness of every mask (and of Grad-CAM), right after the masks.
-    scoring = time.perf_counter()
-    slow = float(getattr(runtime.settings, "test_slow_scoring_s", 0.0) or 0.0)
-    if slow > 0:  # tests of a long scoring phase (EBB_TEST_SLOW_SCORING_SECONDS)
-        log.warning("EBB_TEST_SLOW_SCORING_SECONDS=%g: sleeping before scoring job %s", slow, claim.job_id)
-        time.sleep(slow)
-    evaluations = [_evaluate(runtime, decoded.pixels, e) for e in explanations]
-    found = [ev for ev in evaluations if ev is not None]
-    timings["metrics_s"] = sum(ev.metrics.seconds for ev in found)
-    timings["gradcam_s"] = sum(ev.gradcam_s for ev in found)
-    timings["scoring_s"] = time.perf_counter() - scoring
-    results = [_result_entry(e, ev, decoded.pixels.shape) for e, ev in zip(explanations, evaluations)]
+    job_dir = runtime.storage.job_dir(claim.job_id)
+    saved = False
+    try:
+        # Faithfulness of every mask (and of Grad-CAM), right after the masks;
+        # a cancel or the time budget takes effect between two targets.
+        checkpoint("before scoring")
+        scoring = time.perf_counter()
+        evaluations = []
+        for e in explanations:
+            if runtime.settings.test_slow_scoring_s > 0:  # test hook (EBB_TEST_SLOW_SCORING_SECONDS)
+                time.sleep(runtime.settings.test_slow_scoring_s)
+            evaluations.append(_evaluate(runtime, decoded.pixels, e))
+            checkpoint("scoring")
+        found = [ev for ev in evaluations if ev is not None]
+        timings["metrics_s"] = sum(ev.metrics.seconds for ev in found)
+        timings["gradcam_s"] = sum(ev.gradcam_s for ev in found)
+        timings["scoring_s"] = time.perf_counter() - scoring
+        results = [_result_entry(e, ev, decoded.pixels.shape) for e, ev in zip(explanations, evaluations)]
 
-    from shared.imaging.render import save_artifacts
+        from shared.imaging.render import save_artifacts
 
-    def extras(e, ev) -> dict[str, Any]:
-        return {"gradcam": ev.gradcam_saliency if ev is not None else None,
-                "area_masks": getattr(e, "area_masks", None)}
+        def extras(e, ev) -> dict[str, Any]:
+            return {"gradcam": ev.gradcam_saliency if ev is not None else None,
+                    "area_masks": getattr(e, "area_masks", None)}
 
-    saving = time.perf_counter()
-    save_artifacts(
-        runtime.storage.job_dir(claim.job_id), decoded.pixels, explanation,
-        **extras(explanation, evaluations[0]),
-        results=[{"explanation": e, **extras(e, ev)} for e, ev in zip(explanations[1:], evaluations[1:])],
-    )
-    timings["save_s"] = time.perf_counter() - saving
+        saving = time.perf_counter()
+        saved = True
+        save_artifacts(
+            job_dir, decoded.pixels, explanation,
+            **extras(explanation, evaluations[0]),
+            results=[{"explanation": e, **extras(e, ev)} for e, ev in zip(explanations[1:], evaluations[1:])],
+            max_side=int(runtime.settings.max_artifact_side),
+        )
+        timings["save_s"] = time.perf_counter() - saving
+        checkpoint("before commit")
+    except Cancelled as stop:
+        if saved:
+            _remove_dir(job_dir)
+        timings["total_s"] = time.perf_counter() - started
+        log.info("job %s: cancelled %s", claim.job_id, stop.args[0] if stop.args else "")
+        if not _finish(session, claim, status=JobStatus.CANCELLED.value, timings=timings, **common):
+            raise Superseded() from None
+        return "cancelled"
+    except JobError:
+        if saved:
+            _remove_dir(job_dir)
+        raise
     timings["live_score_s"] = progress.live_seconds
     if preview is not None:
         timings["preview_s"] = preview.seconds
@@ -691,6 +814,8 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
     ok = _finish(
         session,
         claim,
+        # a cancel that lands after the last checkpoint still wins
+        where=(or_(Job.cancel_requested.is_(None), Job.cancel_requested.is_(False)),),
         status=JobStatus.SUCCEEDED.value,
         progress_iteration=max(timings["iterations_run"], claim.progress_floor),
         progress_total=config.iterations * len(explanations),
@@ -704,6 +829,14 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
         **common,
     )
     if not ok:
+        session.rollback()
+        try:
+            checkpoint("commit")
+        except Cancelled:
+            _remove_dir(job_dir)
+            if not _finish(session, claim, status=JobStatus.CANCELLED.value, timings=timings, **common):
+                raise Superseded() from None
+            return "cancelled"
         raise Superseded()
     log.debug("job %s: %d target(s), score %.3f -> %.3f", claim.job_id, len(explanations),
               explanation.score_before, explanation.score_after)

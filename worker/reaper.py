@@ -199,9 +199,9 @@ def resend_queued_after_s(environ: Mapping[str, str] | None = None) -> float | N
     """``EBB_RESEND_QUEUED_AFTER``: seconds after which a ``queued`` job whose
     message is missing is re-sent (default 20; ``0`` never re-sends); see
     :class:`shared.settings.Settings`."""
-    from shared.settings import _seconds
+    from shared.settings import _interval
 
-    return _seconds(os.environ if environ is None else environ, "EBB_RESEND_QUEUED_AFTER",
+    return _interval(os.environ if environ is None else environ, "EBB_RESEND_QUEUED_AFTER",
                     DEFAULT_REQUEUE_QUEUED_AFTER_S) or None
 
 

@@ -240,7 +240,7 @@ def load_runtime(settings: settings_mod.Settings | None = None, environ: Mapping
         env = os.environ if environ is None else environ
         settings = settings or settings_mod.load(dict(env))
         from shared.models.registry import load_model
-        from worker.engine import BatchEngine
+        from worker.engine import BatchEngine, device_memory_budget
         from worker.metrics import engine_hook
 
         device = choose_device(env)
@@ -263,7 +263,9 @@ def load_runtime(settings: settings_mod.Settings | None = None, environ: Mapping
             max_attempts=max_attempts(env),
             gradcam=gradcam_enabled(env),
             engine=BatchEngine(classifier, max_batch=default_concurrency(settings, device),
-                               on_batch=engine_hook(settings.model)).start(),
+                               on_batch=engine_hook(settings.model),
+                               memory_budget=device_memory_budget(device, settings.device_memory),
+                               model_name=settings.model).start(),
         )
         log.info("model %s ready on %s in %.1f s", settings.model, device, time.perf_counter() - started)
         return _runtime

@@ -224,6 +224,7 @@ def save_artifacts(
     gradcam: np.ndarray | None = None,
     area_masks: Sequence[np.ndarray] | None = None,
     results: Sequence[Mapping[str, Any]] = (),
+    max_side: int | None = None,
 ) -> dict[str, Path]:
     """Write a job's artifacts atomically into ``out_dir``.
 
@@ -267,6 +268,13 @@ def save_artifacts(
         explanation: an ``shared.attribution.perturbation.Explanation`` (or an
             object with the same attributes: ``mask``, ``mask_upsampled``,
             ``perturbed`` and ``to_json()``).
+        max_side: cap on the longest side of everything drawn at the image's
+            size (``overlay.png``, ``saliency.npy``/``.png``, ``gradcam.png``):
+            when ``max(H, W)`` is larger, they are drawn on ``image`` resized
+            (area interpolation, aspect ratio kept) to a longest side of
+            ``max_side`` (``EBB_MAX_ARTIFACT_SIDE``). The exact arrays
+            ``mask.npy`` ``(m, m)`` and ``gradcam.npy`` ``(S, S)`` are never
+            resized. None: no cap.
 
     Returns:
         ``{artifact key: final path}`` for every file of the first target.
@@ -283,7 +291,7 @@ def save_artifacts(
         raise ValueError(f"out_dir must name a directory, got {str(out_dir)!r}")
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise ValueError(f"out_dir {str(out_dir)!r} exists and is not a plain directory")
-    img = _check_image(image)
+    img = cap_image(_check_image(image), max_side)
     # Render before touching the file system so that errors leave no trace.
     sets = [_render_set(img, explanation, gradcam, area_masks)]
     for k, extra in enumerate(results, start=1):
@@ -310,6 +318,28 @@ def save_artifacts(
     _fsync_dir(parent)
     names = {**ARTIFACT_NAMES, **EXTRA_ARTIFACT_NAMES}
     return {key: out_dir / name for key, name in names.items() if name in sets[0]}
+
+
+def capped_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """``(width, height)`` scaled down (aspect ratio kept, each side >= 1) so
+    that the longest side is at most ``max_side``; unchanged when it already is
+    or ``max_side`` is None."""
+    if max_side is None or max(width, height) <= int(max_side):
+        return int(width), int(height)
+    scale = int(max_side) / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def cap_image(image: np.ndarray, max_side: int | None) -> np.ndarray:
+    """``image`` (``(H, W, 3)`` uint8) resized with area interpolation to
+    :func:`capped_size`; the same array when no resize is needed."""
+    if max_side is not None and (isinstance(max_side, bool) or int(max_side) < 1):
+        raise ValueError(f"max_side must be a positive integer, got {max_side!r}")
+    height, width = image.shape[:2]
+    size = capped_size(width, height, max_side)
+    if size == (width, height):
+        return image
+    return np.ascontiguousarray(_cv2().resize(image, size, interpolation=_cv2().INTER_AREA))
 
 
 def saliency_at(size: tuple[int, int], saliency: np.ndarray) -> np.ndarray:

@@ -39,6 +39,11 @@ def _normalise(label: str) -> str:
     return " ".join(label.split()).casefold()
 
 
+#: Longest accepted target text (a class index or a label; the longest
+#: ImageNet label has 121 characters).
+MAX_TARGET_CHARS = 200
+
+
 def resolve_target(value: str | int | None, labels: Sequence[str]) -> int | None:
     """Turn a user-supplied target class into a class index.
 
@@ -72,6 +77,10 @@ def resolve_target(value: str | int | None, labels: Sequence[str]) -> int | None
     text = value.strip()
     if not text:
         return None
+    if len(text) > MAX_TARGET_CHARS:
+        # Also keeps Python's int() digit limit (4300) and difflib out of reach.
+        raise ValueError(f"target is too long ({len(text)} characters, at most {MAX_TARGET_CHARS}); "
+                         f"give a class index 0-{max(0, n - 1)} or an exact label")
     if text.isdigit() or (text[0] in "+-" and text[1:].isdigit()):
         return _check_index(int(text), n)
 

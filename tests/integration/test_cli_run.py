@@ -103,6 +103,9 @@ def test_ebb_run_serves_jobs_and_ctrl_c_stops_everything(tmp_path, queue_prefix,
         base = f"http://127.0.0.1:{port}"
         assert _get_json(f"{base}/healthz")[0] == 200
         assert _get_json(f"{base}/readyz")[0] == 200
+        # the web is gunicorn with the JSON threaded worker, as `ebb web` and the web image
+        status, error = _get_json(f"{base}/api/v1/jobs?x={'a' * 9000}")
+        assert status == 414 and error["error"]["code"] == "uri_too_long", error
         body, content_type = _multipart({"iterations": "8", "input_size": "96", "mask_size": "8"},
                                         "flute.jpg", image_bytes)
         request = urllib.request.Request(f"{base}/api/v1/jobs", data=body, method="POST",

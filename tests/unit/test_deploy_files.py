@@ -52,6 +52,35 @@ def test_compose_services():
     assert "ebb-data:/data" in services["web"]["volumes"]
 
 
+def test_web_container_gets_the_threaded_json_worker_and_its_settings():
+    """The web service and image run gunicorn with web/gunicorn_conf.py, which
+    selects the JsonThreadWorker from the EBB_WEB_* settings; the compose file
+    passes those settings through with the documented defaults."""
+    web = _compose("docker-compose.yml")["services"]["web"]
+    conf = (ROOT / "web" / "gunicorn_conf.py").read_text()
+    assert 'worker_class = "web.gunicorn_worker.JsonThreadWorker"' in conf
+    assert "threads = _settings.web_threads" in conf and "timeout = " in conf
+    assert "-c" in web["command"] and "python:web.gunicorn_conf" in web["command"]
+    env = web["environment"]
+    assert env["EBB_WEB_THREADS"] == "${EBB_WEB_THREADS:-16}"
+    assert env["EBB_WEB_TIMEOUT"] == "${EBB_WEB_TIMEOUT:-30}"
+    assert env["EBB_WEB_BODY_TIMEOUT"] == "${EBB_WEB_BODY_TIMEOUT:-30}"
+    assert env["EBB_MIN_FREE_MB"] == "${EBB_MIN_FREE_MB:-100}"
+    worker = _compose("docker-compose.yml")["services"]["worker-gpu0"]
+    assert worker["environment"]["EBB_MIN_FREE_MB"] == "${EBB_MIN_FREE_MB:-100}"
+    from shared.settings import load
+
+    defaults = load({})
+    assert (defaults.web_threads, defaults.web_timeout, defaults.web_body_timeout,
+            defaults.min_free_mb) == (16, 30, 30, 100)
+    from shared.cli import web_argv
+    from shared.commands.web import gunicorn_argv
+
+    for argv in (gunicorn_argv(), web_argv("127.0.0.1", 8000)):  # ebb web, ebb run
+        assert argv[1:5] == ["-m", "gunicorn", "-c", "python:web.gunicorn_conf"]
+        assert argv[-1] == "web.wsgi:app"
+
+
 def test_worker_only_compose_points_at_the_main_machine():
     c = _compose("docker-compose.worker.yml")
     assert set(c["services"]) >= {"worker-gpu0"}

@@ -376,3 +376,30 @@ def test_save_artifacts_bad_other_target_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="results\\[0\\] must be a mapping"):
         save_artifacts(tmp_path / "j", original(), fake_explanation(), results=[fake_explanation()])
     assert not (tmp_path / "j").exists()
+
+
+def test_save_artifacts_caps_the_image_sized_files_and_keeps_exact_arrays(tmp_path):
+    out_dir = tmp_path / "job"
+    img = original(60, 100)  # (H, W) = (60, 100)
+    first, second = fake_explanation(m=7, s=32, seed=0), fake_explanation(m=7, s=32, seed=1, target=5)
+    cam = smooth_mask(32, seed=4)
+    save_artifacts(out_dir, img, first, gradcam=cam, results=[{"explanation": second, "gradcam": cam}],
+                   max_side=40)
+    for folder in (out_dir, out_dir / render.RESULTS_SUBDIR / "1"):
+        for name in ("overlay.png", "saliency.png", "gradcam.png"):
+            assert read_png(folder / name).shape == (24, 40, 3), name  # aspect kept: 60/100 * 40
+        assert np.load(folder / "saliency.npy").shape == (24, 40)
+        assert np.load(folder / "mask.npy").shape == (7, 7)  # exact, never resized
+        np.testing.assert_array_equal(np.load(folder / "gradcam.npy"), cam)
+    np.testing.assert_array_equal(np.load(out_dir / "mask.npy"), first.mask)
+    # within the cap nothing changes
+    save_artifacts(tmp_path / "small", img, first, max_side=100)
+    assert read_png(tmp_path / "small" / "overlay.png").shape == (60, 100, 3)
+
+
+@pytest.mark.parametrize("size, side, expected", [
+    ((4000, 3000), 2048, (2048, 1536)), ((3000, 4000), 2048, (1536, 2048)), ((100, 50), 2048, (100, 50)),
+    ((5000, 1), 2048, (2048, 1)), ((640, 480), None, (640, 480)),
+])
+def test_capped_size(size, side, expected):
+    assert render.capped_size(*size, side) == expected

@@ -85,3 +85,13 @@ def test_unknown_label_without_suggestion():
 def test_wrong_type(value):
     with pytest.raises(ValueError):
         resolve_target(value, imagenet_labels())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", ["9" * 5000, "-" + "1" * 4400, "x" * 201])
+def test_huge_target_text_is_a_short_clear_error(value):
+    from shared.models.labels import resolve_target
+
+    with pytest.raises(ValueError) as info:
+        resolve_target(value, [f"c{i}" for i in range(1000)])
+    message = str(info.value)
+    assert message.startswith("target is too long") and "0-999" in message and len(message) < 200

@@ -809,3 +809,13 @@ def test_form_suggests_what_to_try_on_a_weak_result(client):
     tips = html[html.index('id="weak-tips"'):html.index("</p>", html.index('id="weak-tips"'))]
     assert "noise std" in tips and "iterations" in tips and "preservation" in tips
     assert "bit-for-bit" in html  # the seed's guarantee
+
+
+def test_form_over_the_admission_limits_shows_the_field_and_stores_nothing(app, client):
+    response = submit_form(client, image_bytes(), iterations="10000", top_k="5", input_size="1024",
+                           mask_size="224", method="extremal", areas="0.05,0.1,0.2,0.3,0.4")
+    assert response.status_code == 400
+    html = response.get_data(as_text=True)
+    assert "Please correct the highlighted fields." in html
+    assert "EBB_MAX_JOB_MEMORY" in html and "lower input_size" in html
+    assert_nothing_stored(app)

@@ -148,3 +148,44 @@ def test_extremal_jobs_share_batches(tiny, cfg, images):
                          input_size=cfg.input_size)
         for g, a in zip(got.areas, alone):
             np.testing.assert_allclose(g.mask, a.mask, atol=1e-5)
+
+
+def test_memory_budget_bounds_every_batch(tiny, cfg, images):
+    """Four jobs that fit max_batch but not the memory budget run two at a time."""
+    from shared.cost import item_memory
+
+    item = item_memory("tiny", cfg.input_size)  # an unknown model: the default (largest) costs
+    eng = BatchEngine(tiny, max_batch=4, reproducible=False, memory_budget=2 * item).start()
+    try:
+        futures = [eng.submit(images[0], i + 1, cfg.replace(seed=i)) for i in range(4)]
+        for f in futures:
+            assert f.result(timeout=60).iterations_run == cfg.iterations
+    finally:
+        eng.stop()
+    assert eng.max_seen_batch == 2
+    assert 0 < eng.max_planned_memory <= 2 * item
+
+
+def test_reproducible_layout_counts_its_padding(tiny, cfg):
+    from shared.cost import item_memory
+
+    eng = BatchEngine(tiny, max_batch=4, reproducible=True, layout_width=4)
+    item = item_memory("tiny", cfg.input_size)
+    assert eng.planned_memory([cfg]) == 4 * item  # one job still steps 4 samples
+    ext = cfg.replace(method="extremal", areas=(0.1, 0.2, 0.3))
+    assert eng.planned_memory([ext, ext]) == 6 * item_memory("tiny", cfg.input_size, "extremal")
+
+
+def test_job_over_the_memory_budget_fails_alone_with_a_clear_message(tiny, cfg, images):
+    from shared.cost import item_memory
+
+    eng = BatchEngine(tiny, max_batch=4, reproducible=False,
+                      memory_budget=item_memory("tiny", 64) + 1).start()
+    try:
+        big = eng.submit(images[0], 1, cfg.replace(input_size=128))
+        small = eng.submit(images[0], 2, cfg)
+        with pytest.raises(MemoryError, match="EBB_DEVICE_MEMORY"):
+            big.result(timeout=60)
+        assert small.result(timeout=60).iterations_run == cfg.iterations
+    finally:
+        eng.stop()
