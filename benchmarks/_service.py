@@ -224,6 +224,7 @@ class Service:
             EBB_MODELS=self.model,
             EBB_QUEUE_PREFIX=self.prefix,
             EBB_RATE_LIMIT="off",
+            EBB_REUSE="0",  # benchmarks measure running jobs; reuse.py turns it back on
             EBB_SECRET_KEY="bench-secret",
             EBB_DEVICE="cpu",
             CUDA_VISIBLE_DEVICES="",

@@ -48,7 +48,7 @@ TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 SUBMISSION_FIELDS = (
     "model", "target", "targets", "top_k", "iterations", "learning_rate", "l1_coeff", "tv_coeff",
     "tv_beta", "noise_std", "mask_size", "input_size", "seed", "method", "blur", "game",
-    "perturbation", "precision", "areas",
+    "perturbation", "precision", "areas", "force",
 )
 
 
@@ -205,6 +205,9 @@ class ExplainClient:
         ``model="efficientnet_lite0"``, ``iterations=100``,
         ``targets=["flute", 683]``); None values are left out, so the
         server's defaults apply. Lists are sent comma-separated.
+        ``force=True`` runs the job even when an identical one already
+        succeeded (else the server answers at once with a succeeded job whose
+        ``reused_from`` names it).
         """
         path = Path(image_path)
         form = {name: _field_value(value) for name, value in fields.items() if value is not None}

@@ -61,6 +61,34 @@ class Settings:
             its queue is re-sent once it was enqueued this many seconds ago;
             env ``EBB_RESEND_QUEUED_AFTER``, default 20; ``0`` (stored as
             ``None``) never re-sends.
+        storage_url: where uploads and artifacts live; env ``STORAGE_URL``:
+            ``file:///path`` (default ``file://<data_dir>``, one machine or a
+            shared disk) or ``s3://bucket/prefix`` (any S3-compatible store;
+            credentials from the standard ``AWS_ACCESS_KEY_ID`` /
+            ``AWS_SECRET_ACCESS_KEY`` variables, read by boto3).
+        s3_endpoint_url: the S3 service's URL (MinIO, SeaweedFS...); env
+            ``S3_ENDPOINT_URL``, default AWS.
+        s3_region: env ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, default ``us-east-1``.
+        presigned_urls: redirect artifact downloads to short-lived presigned
+            URLs of the S3 store instead of streaming them through the web;
+            env ``EBB_PRESIGNED_URLS`` (``1``/``0``), default off.
+        presigned_ttl_s: lifetime of a presigned URL; env ``EBB_PRESIGNED_TTL``,
+            default 300 s.
+        storage_retries: attempts of a worker's store read or write
+            (exponential backoff from 0.5 s, at most 8 s apart, so 8 attempts
+            span ~30 s; the job's heartbeat is kept up meanwhile) before the
+            job fails; env ``EBB_STORAGE_RETRIES``, default 8.
+        storage_timeout_s: connect timeout of a store request; env
+            ``EBB_STORAGE_TIMEOUT``, default 2 s (a submission to a store that is
+            down answers 503 within a few seconds).
+        store_sweep_age_s: objects of killed or superseded attempts (S3
+            prefixes no job row points at) older than this are deleted by the
+            worker's sweeper; env ``EBB_STORE_SWEEP_AGE``, default 3600 s.
+        reuse: answer a submission identical to a succeeded job from that
+            job's artifacts; env ``EBB_REUSE`` (``1``/``0``), default on.
+        arithmetic: the settings that change a job's arithmetic besides its
+            config (``EBB_REPRODUCIBLE``, ``EBB_LAYOUT_WIDTH``,
+            ``EBB_WEIGHTS_FILE``, as given); part of the reuse key.
         web_threads: threads per gunicorn worker process (the
             :class:`web.gunicorn_worker.JsonThreadWorker`); env
             ``EBB_WEB_THREADS``, default 16.
@@ -108,6 +136,16 @@ class Settings:
     trusted_proxies: int = 0
     reconcile_interval_s: float = 15.0
     resend_queued_after_s: float | None = 20.0
+    storage_url: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    presigned_urls: bool = False
+    presigned_ttl_s: int = 300
+    storage_retries: int = 8
+    storage_timeout_s: float = 2.0
+    store_sweep_age_s: float = 3600.0
+    reuse: bool = True
+    arithmetic: tuple[tuple[str, str], ...] = ()
     web_threads: int = 16
     web_timeout: float = 30.0
     web_body_timeout: float = 30.0
@@ -119,6 +157,11 @@ class Settings:
     max_artifact_side: int = DEFAULT_MAX_ARTIFACT_SIDE
     device_memory: int | None = None
     test_slow_scoring_s: float = 0.0
+
+    @property
+    def storage(self) -> str:
+        """``file://<data_dir>`` when ``storage_url`` is blank."""
+        return self.storage_url or f"file://{self.data_dir}"
 
 
 def _rate_limit(value: str | None) -> str:
@@ -144,6 +187,36 @@ def _interval(env, name: str, default: float) -> float:
     return value
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _flag(env, name: str, default: bool) -> bool:
+    raw = str(env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ValueError(f"{name} must be 1 or 0, got {raw!r}")
+
+
+def _storage_url(value: str | None, data_dir: Path) -> str:
+    value = (value or "").strip()
+    if not value:
+        return f"file://{data_dir}"
+    if value.startswith("file://"):
+        path = value[len("file://"):]
+        if not path.startswith("/"):
+            raise ValueError(f"STORAGE_URL file:// needs an absolute path (file:///data), got {value!r}")
+        return value
+    if value.startswith("s3://"):
+        bucket = value[len("s3://"):].split("/", 1)[0]
+        if not bucket:
+            raise ValueError(f"STORAGE_URL s3:// needs a bucket (s3://bucket/prefix), got {value!r}")
+        return value
+    raise ValueError(f"STORAGE_URL must start with file:// or s3://, got {value!r}")
 def _number(env, name: str, default: float, minimum: float, cast=float):
     """``env[name]`` as ``cast`` (``default`` when unset or blank); ``ValueError``
     naming the variable when it is not a number or is below ``minimum``."""
@@ -226,6 +299,19 @@ def load(environ: dict[str, str] | None = None) -> Settings:
         trusted_proxies=int(env.get("EBB_TRUSTED_PROXIES", "0") or 0),
         reconcile_interval_s=_interval(env, "EBB_RECONCILE_INTERVAL", 15.0),
         resend_queued_after_s=_interval(env, "EBB_RESEND_QUEUED_AFTER", 20.0) or None,
+        storage_url=_storage_url(env.get("STORAGE_URL"), data_dir),
+        s3_endpoint_url=(env.get("S3_ENDPOINT_URL") or "").strip() or None,
+        s3_region=(env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1").strip(),
+        presigned_urls=_flag(env, "EBB_PRESIGNED_URLS", False),
+        presigned_ttl_s=max(1, int(env.get("EBB_PRESIGNED_TTL", "300") or 300)),
+        storage_retries=max(1, int(env.get("EBB_STORAGE_RETRIES", "8") or 8)),
+        storage_timeout_s=float(env.get("EBB_STORAGE_TIMEOUT", "2") or 2),
+        store_sweep_age_s=float(env.get("EBB_STORE_SWEEP_AGE", "3600") or 3600),
+        reuse=_flag(env, "EBB_REUSE", True),
+        arithmetic=tuple(
+            (name, str(env.get(name) or "").strip())
+            for name in ("EBB_REPRODUCIBLE", "EBB_LAYOUT_WIDTH", "EBB_WEIGHTS_FILE")
+        ),
         web_threads=_number(env, "EBB_WEB_THREADS", 16, 1, int),
         web_timeout=_number(env, "EBB_WEB_TIMEOUT", 30.0, 1.0),
         web_body_timeout=_number(env, "EBB_WEB_BODY_TIMEOUT", 30.0, 0.1),

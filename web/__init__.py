@@ -103,16 +103,19 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     # Imports that pull SQLAlchemy, Celery, Pillow... stay inside the factory.
     from shared.db.session import session_factory, upgrade
     from shared.models.labels import imagenet_labels
-    from shared.storage import Storage
+    from shared.storage import open_storage
     from worker.celery_app import create_celery_app
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if migrate:
         upgrade(settings.database_url)
     labels = list(imagenet_labels())
+    storage = open_storage(settings)
+    if storage.kind == "s3":
+        storage.ensure_bucket()  # best effort: a store that is down answers 503 per request
     state = WebState(
         settings=settings,
-        storage=Storage(settings.data_dir),
+        storage=storage,
         session_factory=session_factory(settings.database_url),
         labels=labels,
         celery=create_celery_app(redis_url=settings.redis_url),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import uuid
 
-from flask import Blueprint, jsonify, request, send_file, url_for
+from flask import Blueprint, Response, jsonify, redirect, request, send_file, url_for
+
+from shared.storage import StorageUnavailable
 
 from shared.attribution.config import PerturbationConfig
 
@@ -34,8 +36,9 @@ def create_job():
         jobs_svc.admit(sub, st.settings)
     except jobs_svc.SubmissionErrors as errors:
         raise errors.first() from None
+    force = jobs_svc.parse_force(request.form)
     db = get_db()
-    job = jobs_svc.submit(db, st.storage, sub)
+    job = jobs_svc.submit(db, st.storage, sub, force=force)
     body = jobs_svc.job_to_dict(db, st.storage, job)
     response = jsonify(body)
     response.status_code = 202
@@ -91,48 +94,103 @@ def _unknown_artifact() -> ApiError:
                     field="name")
 
 
-def _send_artifact(job, path, name: str, prefix: str):
-    if not path.is_file():
-        raise ApiError(404, "not_found", f"artifact {name} of job {job.id} does not exist (yet)")
-    mimetype = jobs_svc.ARTIFACT_MIMETYPES.get(path.suffix, "application/octet-stream")
+def _missing(job, name: str) -> ApiError:
+    return ApiError(404, "not_found", f"artifact {name} of job {job.id} does not exist (yet)")
+
+
+def _send_artifact(job, key: str, name: str, prefix: str):
+    """Serve the stored object ``key``: a file with ``send_file``; an S3 object
+    streamed with its ETag, Last-Modified and Range support, or, with
+    ``EBB_PRESIGNED_URLS=1``, a 302 to a short-lived presigned URL."""
+    st = state()
+    storage = st.storage
+    filename = key.rsplit("/", 1)[-1]
+    mimetype = jobs_svc.ARTIFACT_MIMETYPES.get("." + filename.rsplit(".", 1)[-1], "application/octet-stream")
     download = request.args.get("download") in ("1", "true", "yes")
-    response = send_file(
-        path,
-        mimetype=mimetype,
-        as_attachment=download,
-        download_name=f"{job.id}-{prefix}{path.name}",
-        max_age=0,
-        conditional=True,
-    )
-    response.headers["Cache-Control"] = "no-cache"
-    return response
+    download_name = f"{job.id}-{prefix}{filename}"
+    path = storage.local_path(key)
+    if path is not None:
+        if not path.is_file():
+            raise _missing(job, name)
+        response = send_file(path, mimetype=mimetype, as_attachment=download, download_name=download_name,
+                             max_age=0, conditional=True)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+    try:
+        info = storage.stat(key)
+        if info is None:
+            raise _missing(job, name)
+        if st.settings.presigned_urls:
+            url = storage.presigned_url(key, st.settings.presigned_ttl_s, mimetype,
+                                        download_name if download else None)
+            response = redirect(url, code=302)
+            response.headers["Cache-Control"] = "no-store"
+            return response
+        return _stream_object(storage, key, info, mimetype, download, download_name)
+    except StorageUnavailable as error:
+        raise jobs_svc.storage_unavailable(error) from None
+
+
+def _stream_object(storage, key: str, info, mimetype: str, download: bool, download_name: str):
+    """A streamed response for a stored object (200, 206 for a satisfiable
+    ``Range``, 304 for a matching ``If-None-Match`` / ``If-Modified-Since``, 416)."""
+    from werkzeug.http import http_date
+
+    etag = info.etag or f"{info.size}-{int(info.last_modified.timestamp())}"
+    headers = {
+        "ETag": f'"{etag}"',
+        "Last-Modified": http_date(info.last_modified),
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "no-cache",
+    }
+    if download:
+        headers["Content-Disposition"] = f'attachment; filename="{download_name}"'
+    if request.if_none_match and request.if_none_match.contains(etag):
+        return Response(status=304, headers=headers)
+    since = request.if_modified_since
+    if not request.if_none_match and since is not None and int(info.last_modified.timestamp()) <= int(since.timestamp()):
+        return Response(status=304, headers=headers)
+    start = stop = None
+    status = 200
+    ranges = request.range
+    if_range = request.if_range  # a Range applies unless If-Range names another version
+    if ranges is not None and ((if_range.etag is None and if_range.date is None) or if_range.etag == etag):
+        span = ranges.range_for_length(info.size)
+        if span is None:
+            headers["Content-Range"] = f"bytes */{info.size}"
+            return Response(status=416, headers=headers)
+        start, stop = span
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{info.size}"
+    body = storage.open(key, start, stop)
+    headers["Content-Length"] = str((stop - start) if status == 206 else info.size)
+    return Response(body, status=status, mimetype=mimetype, headers=headers, direct_passthrough=True)
 
 
 @bp.get("/jobs/<uuid:job_id>/artifacts/<name>")
 def job_artifact(job_id: uuid.UUID, name: str):
-    st = state()
-    path = jobs_svc.artifact_file(st.storage, job_id, name)
-    if path is None:
+    if not jobs_svc.is_artifact_name(name):
         raise _unknown_artifact()
     job = jobs_svc.get_job(get_db(), job_id)
-    return _send_artifact(job, path, name, "")
+    key = jobs_svc.artifact_key(job, name)
+    assert key is not None
+    return _send_artifact(job, key, name, "")
 
 
 @bp.get("/jobs/<uuid:job_id>/results/<int:k>/artifacts/<name>")
 def job_result_artifact(job_id: uuid.UUID, k: int, name: str):
     """An artifact of the ``k``-th explained target (0 = the primary target,
     the same files as ``/artifacts/<name>``)."""
-    st = state()
-    if name == jobs_svc.PREVIEW or jobs_svc.artifact_file(st.storage, job_id, name) is None:
+    if name == jobs_svc.PREVIEW or not jobs_svc.is_artifact_name(name):
         raise _unknown_artifact()
     job = jobs_svc.get_job(get_db(), job_id)
     count = len(jobs_svc.stored_results(job))
     if k != 0 and k >= count:
         raise ApiError(404, "not_found",
                        f"job {job.id} has no result {k} (it has {count})", field="k")
-    path = jobs_svc.artifact_file(st.storage, job_id, name, k)
-    assert path is not None
-    return _send_artifact(job, path, name, f"result{k}-" if k else "")
+    key = jobs_svc.artifact_key(job, name, k)
+    assert key is not None
+    return _send_artifact(job, key, name, f"result{k}-" if k else "")
 
 
 @bp.get("/models")

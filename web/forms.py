@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from flask_wtf import FlaskForm
 from flask_wtf.file import FileField
-from wtforms import SelectField, StringField
+from wtforms import BooleanField, SelectField, StringField
 
 from shared.attribution.config import BLURS, MAX_AREAS, PerturbationConfig
 
@@ -86,6 +86,7 @@ class JobForm(FlaskForm):
                                default=_DEFAULTS.perturbation, validate_choice=False)
     precision = SelectField("Precision", choices=list(CHOICES["precision"]),
                             default=_DEFAULTS.precision, validate_choice=False)
+    force = BooleanField("Run again even if an identical job already succeeded", false_values=("", "0", "false", "no", "off"))
 
     #: Shown next to the target: several classes in one job.
     MULTI = ("targets", "top_k")

@@ -46,7 +46,8 @@ def readyz():
     """200 when the database answers ``SELECT 1``, Redis answers PING and the
     data store can take an upload (writable, ``EBB_MIN_FREE_MB`` free:
     ``checks.storage`` is ``ok``, else ``error`` with the reason in
-    ``storage``), else 503.
+    ``storage``) and, with an S3 store, its bucket answers
+    (``checks.object_store``), else 503.
 
     The body also counts the live workers per model (``workers``); a model
     without a worker does not make the web unready: jobs wait for one.
@@ -74,6 +75,16 @@ def readyz():
         checks["redis"] = f"error: {type(exc).__name__}"
     storage_problem = _storage_problem()
     checks["storage"] = "ok" if storage_problem is None else "error"
+    storage = state().storage
+    if storage.kind != "file":  # STORAGE_URL=s3://...: the bucket must answer
+        from shared.storage import StorageUnavailable
+
+        try:
+            storage.check()
+            checks["object_store"] = "ok"
+        except StorageUnavailable as exc:
+            log.warning("readyz: object store unavailable: %s", exc)
+            checks["object_store"] = "error: StorageUnavailable"
     failed = [name for name, result in checks.items() if result != "ok"]
     body = {"status": "ready" if not failed else "unavailable", "checks": checks}
     if storage_problem is not None:

@@ -10,6 +10,8 @@ import base64
 import binascii
 import hashlib
 import json
+import threading
+from collections import OrderedDict
 import logging
 import math
 import re
@@ -17,7 +19,6 @@ import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from flask import current_app, url_for
@@ -28,6 +29,7 @@ from shared.attribution.config import BLURS, GAMES, MAX_AREAS, METHODS, PERTURBA
 from shared.attribution.config import PerturbationConfig
 from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
 from shared.imaging.render import ARTIFACT_NAMES, EXTRA_ARTIFACT_NAMES, RESULTS_SUBDIR
+from shared.storage import StorageUnavailable, job_key, preview_key
 from shared.storage_check import FULL, StorageFault, check_storage, classify_os_error
 
 from .errors import ApiError
@@ -403,6 +405,94 @@ class QueueUnavailable(Exception):
     pass
 
 
+def storage_unavailable(error: Exception | str) -> ApiError:
+    """The 503 ``storage_unavailable`` answer (the store cannot be reached)."""
+    log.warning("store unavailable: %s", error)
+    return ApiError(503, "storage_unavailable",
+                    "The file store is unavailable right now; nothing was stored. Please retry later.")
+
+
+_FORCE_TRUE = ("1", "true", "yes", "on", "y")  # "y": the form's checkbox
+_FORCE_FALSE = ("", "0", "false", "no", "off")
+
+
+def parse_force(form: Mapping[str, str]) -> bool:
+    """The ``force`` field: ``1``/``true``/``on`` run the job even if an identical
+    one succeeded; absent, blank or ``0``/``false`` do not; anything else is a 400."""
+    getlist = getattr(form, "getlist", None)
+    if getlist is not None and len(getlist("force")) > 1:
+        raise ApiError(400, "invalid_value", "force given more than once", field="force")
+    raw = form.get("force")
+    text = raw.strip().lower() if isinstance(raw, str) else ""
+    if text in _FORCE_TRUE:
+        return True
+    if text in _FORCE_FALSE:
+        return False
+    raise ApiError(400, "invalid_value", f"force must be 1 or 0, got {str(raw)[:40]!r}", field="force")
+
+
+def submission_request_key(sub: Submission, sha: str) -> str:
+    """``shared.reuse.request_key`` of a submission whose image hashes to ``sha``."""
+    from shared import reuse
+
+    return reuse.request_key(image_sha256=sha, model=sub.model, target_index=sub.target_index,
+                             targets=sub.targets, top_k=sub.top_k, config=sub.config.to_dict())
+
+
+def find_reusable(db: Session, settings: Any, request_key: str) -> Job | None:
+    """The newest succeeded job (not itself a reuse) with the same reuse key
+    under the web's arithmetic settings, or None."""
+    from shared import reuse
+
+    if not reuse.reproducible(settings.arithmetic):
+        return None
+    key = reuse.reuse_key(request_key, settings.arithmetic)
+    return db.scalars(
+        select(Job)
+        .where(Job.reuse_key == key, Job.status == JobStatus.SUCCEEDED.value,
+               Job.reused_from.is_(None), Job.artifacts_key.is_not(None))
+        .order_by(Job.finished_at.desc())
+        .limit(1)
+    ).first()
+
+
+def reuse_job(db: Session, original: Job, sub: Submission) -> Job:
+    """A new, already succeeded job sharing ``original``'s artifacts and results."""
+    now = utcnow()
+    job = Job(
+        id=uuid.uuid4(),
+        status=JobStatus.SUCCEEDED.value,
+        model=original.model,
+        target_index=original.target_index,
+        target_label=original.target_label,
+        targets=original.targets,
+        top_k=original.top_k,
+        config=original.config,
+        image_sha256=original.image_sha256,
+        image_width=original.image_width,
+        image_height=original.image_height,
+        image_filename=sub.filename,
+        progress_iteration=original.progress_iteration,
+        progress_total=original.progress_total,
+        current_score=original.current_score,
+        score_before=original.score_before,
+        score_after=original.score_after,
+        top5=original.top5,
+        results=original.results,
+        timings=None,
+        created_at=now,
+        enqueued_at=None,
+        started_at=now,
+        finished_at=now,
+        attempts=0,
+        artifacts_key=original.artifacts_key,
+        reused_from=original.id,
+    )
+    db.add(job)
+    db.commit()
+    return job
+
+
 def storage_error(fault: StorageFault) -> ApiError:
     """The API error for a data store that cannot take an upload: 507
     ``insufficient_storage`` when it is full, else 503 ``storage_unavailable``."""
@@ -427,13 +517,15 @@ def check_store(storage: Any, min_free_mb: float) -> None:
 def store_upload(storage: Any, data: bytes, min_free_mb: float) -> tuple[str, bool]:
     """Check the store, then save ``data``; return ``(sha256, created)`` where
     ``created`` says the file was not there before (so it may be removed again).
-    A failed write leaves nothing behind and raises :class:`ApiError` 507/503."""
+    A failed write leaves nothing behind and raises :class:`ApiError` 507/503
+    (an unreachable S3 store: 503 ``storage_unavailable``)."""
     check_store(storage, min_free_mb)
     sha = hashlib.sha256(data).hexdigest()
-    path = storage.upload_path(sha)
-    existed = path.is_file()
     try:
+        existed = storage.exists(f"uploads/{sha}")
         return storage.save_upload(data), not existed
+    except StorageUnavailable as error:  # the S3 store: one atomic PUT, nothing half-stored
+        raise storage_unavailable(error) from None
     except OSError as exc:  # atomic_write removed its temporary file
         fault = classify_os_error(exc)
         log.warning("upload refused: %s (%s)", fault.message, exc)
@@ -445,18 +537,19 @@ def discard_upload(db: Session, storage: Any, sha: str) -> None:
     try:
         if db.scalar(select(func.count()).select_from(Job).where(Job.image_sha256 == sha)):
             return
-        storage.upload_path(sha).unlink(missing_ok=True)
+        storage.delete(f"uploads/{sha}")
     except Exception:  # noqa: BLE001 - never hide the error being answered
         db.rollback()
         log.warning("could not remove the upload %s of an unqueued job", sha, exc_info=True)
 
 
-def create_job(db: Session, storage: Any, sub: Submission, min_free_mb: float = 0.0) -> Job:
+def create_job(db: Session, storage: Any, sub: Submission, min_free_mb: float = 0.0,
+               request_key: str | None = None) -> Job:
     """Check the data store, store the upload, insert the job (status queued)
-    and commit. Nothing stays on disk when any of it fails."""
+    and commit. Nothing stays stored when any of it fails."""
     sha, created = store_upload(storage, sub.data, min_free_mb)
     try:
-        return _insert_job(db, sub, sha)
+        return _insert_job(db, sub, sha, request_key)
     except BaseException:
         db.rollback()
         if created:
@@ -464,7 +557,7 @@ def create_job(db: Session, storage: Any, sub: Submission, min_free_mb: float = 
         raise
 
 
-def _insert_job(db: Session, sub: Submission, sha: str) -> Job:
+def _insert_job(db: Session, sub: Submission, sha: str, request_key: str | None = None) -> Job:
     now = utcnow()
     job = Job(
         id=uuid.uuid4(),
@@ -485,6 +578,7 @@ def _insert_job(db: Session, sub: Submission, sha: str) -> Job:
         progress_total=sub.config.iterations * sub.target_count,
         created_at=now,
         enqueued_at=now,
+        reuse_key=request_key,
     )
     db.add(job)
     db.commit()
@@ -529,14 +623,31 @@ def enqueue(job: Job) -> None:
         raise QueueUnavailable(str(exc)) from exc
 
 
-def submit(db: Session, storage: Any, sub: Submission, min_free_mb: float | None = None) -> Job:
+def submit(db: Session, storage: Any, sub: Submission, force: bool = False,
+           min_free_mb: float | None = None) -> Job:
     """Create and queue a job; on a queue failure remove the row (and the
     upload, if no other job uses it) and raise :class:`ApiError` 503
     ``queue_unavailable``. ``min_free_mb`` defaults to the app's
-    ``EBB_MIN_FREE_MB``; a full or unwritable store raises 507/503 first."""
+    ``EBB_MIN_FREE_MB``; a full or unwritable store raises 507/503 first.
+
+    Unless ``force`` (or ``EBB_REUSE=0``), a submission identical to a job that
+    succeeded (same image, model, targets, full config and arithmetic
+    settings) is answered at once with a new succeeded job sharing that job's
+    artifacts (``reused_from``); nothing is stored or queued.
+    """
+    settings = current_app.extensions["ebb"].settings
     if min_free_mb is None:
-        min_free_mb = current_app.extensions["ebb"].settings.min_free_mb
-    job = create_job(db, storage, sub, min_free_mb)
+        min_free_mb = settings.min_free_mb
+    request_key = submission_request_key(sub, hashlib.sha256(sub.data).hexdigest())
+    if settings.reuse and not force:
+        original = find_reusable(db, settings, request_key)
+        if original is not None:
+            job = reuse_job(db, original, sub)
+            log.info("job %s answered from job %s (model %s)", job.id, original.id, job.model,
+                     extra={"event": "reused", "job_id": str(job.id), "model": job.model,
+                            "reused_from": str(original.id)})
+            return job
+    job = create_job(db, storage, sub, min_free_mb, request_key)
     try:
         enqueue(job)
     except QueueUnavailable:
@@ -672,22 +783,64 @@ def _artifact_filename(name: str) -> str | None:
     return None
 
 
-def result_dir(storage: Any, job_id: uuid.UUID, k: int) -> Path:
-    """Folder of the ``k``-th explained target's artifacts: the job's folder for
-    the first (k = 0), ``results/<k>/`` inside it for the others."""
-    folder = Path(storage.job_dir(job_id))
-    return folder if k == 0 else folder / RESULTS_SUBDIR / str(int(k))
+def is_artifact_name(name: str) -> bool:
+    """Whether ``name`` is an artifact key or file name (the preview included)."""
+    return name == PREVIEW or _artifact_filename(name) is not None
 
 
-def artifact_file(storage: Any, job_id: uuid.UUID, name: str, k: int = 0) -> Path | None:
-    """Path of artifact ``name`` (a key or a file name) of target ``k`` of
-    ``job_id``; None if the name is unknown."""
+def artifacts_prefix(job: Job) -> str:
+    """Store key of the folder holding ``job``'s committed artifacts:
+    ``Job.artifacts_key``, else (rows before it existed) ``jobs/<id>``."""
+    return job.artifacts_key or job_key(job.id)
+
+
+def artifact_key(job: Job, name: str, k: int = 0) -> str | None:
+    """Store key of artifact ``name`` (a key or a file name) of target ``k``
+    of ``job`` (``results/<k>/`` for k >= 1); None if the name is unknown."""
     if name == PREVIEW:
-        return storage.preview_path(job_id) if k == 0 else None
+        return preview_key(job.id) if k == 0 else None
     filename = _artifact_filename(name)
     if filename is None:
         return None
-    return result_dir(storage, job_id, k) / filename
+    base = artifacts_prefix(job)
+    return f"{base}/{filename}" if k == 0 else f"{base}/{RESULTS_SUBDIR}/{int(k)}/{filename}"
+
+
+#: Listings of committed artifact prefixes (immutable once committed), per process.
+_LISTINGS: "OrderedDict[str, frozenset[str]]" = OrderedDict()
+_LISTINGS_LOCK = threading.Lock()
+_LISTINGS_MAX = 2048
+
+
+def stored_artifacts(storage: Any, job: Job) -> frozenset[str] | None:
+    """Keys under a succeeded job's artifacts prefix on an object store (one
+    LIST, then cached: a committed prefix never changes); None on the file store.
+
+    Raises :class:`ApiError` 503 ``storage_unavailable`` when the store is down.
+    """
+    if storage.kind == "file":
+        return None
+    prefix = artifacts_prefix(job)
+    with _LISTINGS_LOCK:
+        if prefix in _LISTINGS:
+            _LISTINGS.move_to_end(prefix)
+            return _LISTINGS[prefix]
+    try:
+        keys = frozenset(storage.list_keys(prefix))
+    except StorageUnavailable as error:
+        raise storage_unavailable(error) from None
+    with _LISTINGS_LOCK:
+        _LISTINGS[prefix] = keys
+        while len(_LISTINGS) > _LISTINGS_MAX:
+            _LISTINGS.popitem(last=False)
+    return keys
+
+
+def _preview_live(storage: Any, job: Job) -> bool:
+    try:
+        return storage.exists(preview_key(job.id))
+    except (StorageUnavailable, OSError):
+        return False
 
 
 def artifact_urls(storage: Any, job: Job, k: int | None = None) -> dict[str, str | None]:
@@ -698,9 +851,16 @@ def artifact_urls(storage: Any, job: Job, k: int | None = None) -> dict[str, str
     """
     urls: dict[str, str | None] = {}
     done = job.status == JobStatus.SUCCEEDED.value
+    listing = stored_artifacts(storage, job) if done else None
     for key in ARTIFACTS:
-        path = artifact_file(storage, job.id, key, k or 0) if done else None
-        if path is None or not path.is_file():
+        object_key = artifact_key(job, key, k or 0) if done else None
+        if object_key is None:
+            present = False
+        elif listing is not None:
+            present = object_key in listing
+        else:
+            present = storage.exists(object_key)
+        if not present:
             urls[key] = None
         elif k is None:
             urls[key] = url_for("api.job_artifact", job_id=job.id, name=key)
@@ -708,7 +868,7 @@ def artifact_urls(storage: Any, job: Job, k: int | None = None) -> dict[str, str
             urls[key] = url_for("api.job_result_artifact", job_id=job.id, k=k, name=key)
     if k is None:
         # the live preview of a running job (the worker refreshes it every ~2 s)
-        live = job.status == JobStatus.RUNNING.value and storage.preview_path(job.id).is_file()
+        live = job.status == JobStatus.RUNNING.value and _preview_live(storage, job)
         urls[PREVIEW] = url_for("api.job_artifact", job_id=job.id, name=PREVIEW) if live else None
     return urls
 
@@ -947,6 +1107,7 @@ def job_to_dict(db: Session, storage: Any, job: Job,
         "elapsed_s": elapsed,
         "eta_s": eta,
         "attempts": int(job.attempts or 0),
+        "reused_from": str(job.reused_from) if job.reused_from else None,
         "worker": job.worker_hostname,
         "timings": job.timings if isinstance(job.timings, dict) else None,
         "cancel_requested": bool(job.cancel_requested),

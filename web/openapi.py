@@ -274,7 +274,7 @@ _JOB = {
         "id", "status", "model", "target", "targets", "top_k", "progress", "scores", "top5",
         "config", "created_at", "started_at", "finished_at", "error", "artifacts", "metrics",
         "results", "warnings", "live", "queue_position", "queue", "current_score", "elapsed_s",
-        "eta_s", "attempts",
+        "eta_s", "attempts", "reused_from",
         "worker", "timings", "image", "links",
     ],
     "properties": {
@@ -373,6 +373,10 @@ _JOB = {
                             "description": "While running: seconds left, including the scoring "
                                            "after the last iteration."}),
         "attempts": {"type": "integer", "minimum": 0},
+        "reused_from": _nullable({"type": "string", "format": "uuid",
+                                  "description": "The succeeded job whose results and artifacts "
+                                                 "this one shares (an identical submission "
+                                                 "answered from the store); else null."}),
         "worker": _nullable({"type": "string"}),
         "timings": _nullable({"type": "object", "additionalProperties": True}),
         "cancel_requested": {"type": "boolean"},
@@ -520,7 +524,7 @@ def _base_document(server_url: str) -> dict[str, Any]:
         "409": _error_response("The job is already finished.", "conflict"),
         "413": _error_response("The upload is too large.", "payload_too_large"),
         "503": _error_response("The job queue (`queue_unavailable`) or the data store "
-                               "(`storage_unavailable`: read-only or unwritable) is unavailable; "
+                               "(`storage_unavailable`: read-only, unwritable, or an S3 store that cannot be reached) is unavailable; "
                                "nothing was stored.", "queue_unavailable"),
         "507": _error_response("The data store is full (less than `EBB_MIN_FREE_MB` free); "
                                "nothing was stored.", "insufficient_storage"),
@@ -555,9 +559,16 @@ def _base_document(server_url: str) -> dict[str, Any]:
                         "application/json": {"schema": {"type": "object"}},
                     },
                 },
+                "206": {"description": "The requested byte range (`Range: bytes=a-b`).",
+                        "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                            "format": "binary"}}}},
+                "302": {"description": "With `EBB_PRESIGNED_URLS=1` on an S3 store: a redirect "
+                                       "to a short-lived presigned URL of the object.",
+                        "headers": {"Location": {"schema": {"type": "string"}}}},
                 "304": {"description": "Not modified (conditional request)."},
                 "404": errors["404"],
                 "405": errors["405"],
+                "503": _error_response("The file store is unavailable.", "storage_unavailable"),
             },
         }
 
@@ -645,6 +656,19 @@ def _base_document(server_url: str) -> dict[str, Any]:
                                         "input_size": _int_param(
                                             "input_size", "Side of the model's square input."),
                                         "seed": _int_param("seed", "Noise seed."),
+                                        "force": {
+                                            "type": "string",
+                                            "enum": ["0", "1", "true", "false", "on", "off",
+                                                     "yes", "no", "y"],
+                                            "default": "0",
+                                            "description": (
+                                                "`1`: run the job even if an identical one "
+                                                "(same image, model, targets, config and "
+                                                "arithmetic settings) already succeeded. "
+                                                "Otherwise such a submission is answered at "
+                                                "once with a new job, `status: succeeded`, "
+                                                "`reused_from` set, sharing the artifacts."),
+                                        },
                                         **{
                                             name: {"type": "string",
                                                    "enum": list(values),
@@ -659,7 +683,9 @@ def _base_document(server_url: str) -> dict[str, Any]:
                     },
                     "responses": {
                         "202": {
-                            "description": "Queued. `Location` is the job's URL.",
+                            "description": "Queued (or, for a submission identical to a "
+                                           "succeeded job, already `succeeded` with "
+                                           "`reused_from` set). `Location` is the job's URL.",
                             "headers": {"Location": {"schema": {"type": "string"}}},
                             "content": {"application/json": {"schema": job_ref}},
                             "links": {

@@ -216,7 +216,7 @@ def submit():
                 field.errors = list(field.errors) + [message]
         return _render_form(form, 400, ["Please correct the highlighted fields."])
     try:
-        job = jobs_svc.submit(get_db(), st.storage, sub)
+        job = jobs_svc.submit(get_db(), st.storage, sub, force=jobs_svc.parse_force(request.form))
     except ApiError as exc:
         return _render_form(form, exc.status, [exc.message])
     return redirect(url_for("pages.job", job_id=job.id), code=303)
@@ -325,11 +325,16 @@ def cancel(job_id: uuid.UUID):
     return redirect(url_for("pages.job", job_id=job_id), code=303)
 
 
-def _open_upload(job: Job):
-    path = state().storage.upload_path(job.image_sha256)
-    if not path.is_file():
+def _upload_bytes(job: Job) -> bytes:
+    """The uploaded bytes of ``job`` from the store (404 if gone, 503 if the store is down)."""
+    from shared.storage import StorageUnavailable
+
+    try:
+        return state().storage.read_upload(job.image_sha256)
+    except (FileNotFoundError, ValueError):
         abort(404, description="The uploaded image is no longer available.")
-    return path
+    except StorageUnavailable:
+        abort(503, description="The file store is unavailable right now. Please retry later.")
 
 
 @bp.get("/jobs/<uuid:job_id>/image")
@@ -346,16 +351,18 @@ def job_image(job_id: uuid.UUID):
     job = _job_or_404(job_id)
     st = state()
     side = int(st.settings.max_artifact_side)
+    # renditions are a local cache of this web process (its own DATA_DIR with an S3 store)
     rendition = st.storage.data_dir / RENDITIONS_DIR / f"{job.image_sha256}-{side}.png"
     if rendition.is_file():
         return send_file(rendition, mimetype="image/png", max_age=86400, conditional=True)
-    path = _open_upload(job)
+    data = _upload_bytes(job)
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             mime = Image.MIME.get(img.format or "", "")
             if mime in _BROWSER_MIMES and max(img.size) <= side:
-                return send_file(path, mimetype=mime, max_age=86400, conditional=True,
-                                 download_name=job.image_filename)
+                # uploads are content-addressed: the hash is a strong ETag
+                return send_file(io.BytesIO(data), mimetype=mime, max_age=86400, conditional=True,
+                                 etag=job.image_sha256, download_name=job.image_filename)
             img.draft("RGB", capped_size(*img.size, side))  # JPEG: decode at a reduced scale
             upright = ImageOps.exif_transpose(img).convert("RGB")
             upright.thumbnail((side, side), Image.Resampling.LANCZOS)
@@ -383,9 +390,9 @@ def job_thumbnail(job_id: uuid.UUID):
     storage = state().storage
     cache = storage.data_dir / "thumbnails" / f"{job.image_sha256}-{THUMB_SIZE}.jpg"
     if not cache.is_file():
-        path = _open_upload(job)
+        data = _upload_bytes(job)
         try:
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(data)) as img:
                 img.draft("RGB", (THUMB_SIZE, THUMB_SIZE))
                 img = ImageOps.exif_transpose(img)
                 img = img.convert("RGB")

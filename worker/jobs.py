@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session
 
 from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
 from shared.db.session import retrying, session_factory
-from shared.storage import parse_job_id
+from shared.storage import StorageUnavailable, _retry, job_key, parse_job_id, preview_key
 from shared.storage_check import disk_full_message, disk_low_message, free_mb, is_disk_full
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,8 @@ class Claim:
     #: Several targets: the class indices asked for, or the k most probable.
     targets: tuple[int, ...] | None = None
     top_k: int | None = None
+    #: The web's ``shared.reuse.request_key`` of the submission (None: not reusable).
+    request_key: str | None = None
 
 
 def _write(session: Session, fn: Callable[[], Any], attempts: int = 8) -> Any:
@@ -182,6 +184,7 @@ def _claim(session: Session, job_id: uuid.UUID, runtime, hostname: str) -> Claim
         model=job.model,
         targets=tuple(int(t) for t in job.targets) if isinstance(job.targets, list) and job.targets else None,
         top_k=int(job.top_k) if job.top_k else None,
+        request_key=job.reuse_key,
     )
 
 
@@ -288,7 +291,8 @@ class PreviewWriter:
         scale = min(1.0, PREVIEW_SIZE / max(h, w))
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         self.image = pixels if scale == 1.0 else _cv2().resize(pixels, size, interpolation=_cv2().INTER_AREA)
-        self.path = storage.preview_path(job_id)
+        self.storage = storage
+        self.key = preview_key(job_id)
         self._last = float("-inf")
         self.writes = 0
         self.seconds = 0.0
@@ -303,10 +307,9 @@ class PreviewWriter:
             import numpy as np
 
             from shared.imaging.render import encode_png, overlay
-            from shared.storage import atomic_write
 
             data = encode_png(overlay(self.image, 1.0 - np.clip(saliency(), 0.0, 1.0)))
-            atomic_write(self.path, data)
+            self.storage.put(self.key, data, "image/png")
             self.writes += 1
         except Exception as error:  # noqa: BLE001 - a preview is best effort
             log.warning("live preview not written: %s", one_line(error))
@@ -315,8 +318,8 @@ class PreviewWriter:
     @staticmethod
     def remove_for(storage, job_id: uuid.UUID) -> None:
         try:
-            storage.preview_path(job_id).unlink(missing_ok=True)
-        except (OSError, ValueError):
+            storage.delete(preview_key(job_id))
+        except (OSError, ValueError, StorageUnavailable):
             pass
 
 
@@ -416,17 +419,51 @@ def _finish(session: Session, claim: Claim, *, where: tuple = (), **values: Any)
     return _write(session, write, attempts=12) == 1
 
 
-def _decode(runtime, claim: Claim):
+def _decode(runtime, claim: Claim, on_retry: Callable[[], Any] | None = None):
     from shared.imaging.decode import ImageDecodeError, decode_image
 
     try:
-        data = runtime.storage.read_upload(claim.image_sha256)
+        data = _retry(lambda: runtime.storage.read_upload(claim.image_sha256),
+                      _storage_retries(runtime), "reading the upload", on_retry=on_retry)
     except (FileNotFoundError, ValueError):
         raise JobError(f"the uploaded image is missing (sha256 {claim.image_sha256[:12]}…)") from None
+    except StorageUnavailable as error:
+        raise JobError(f"could not read the uploaded image from the store: {error}") from None
     try:
         return decode_image(data, max_pixels=int(runtime.settings.max_pixels))
     except ImageDecodeError as error:
         raise JobError(f"could not decode the image: {error}") from None
+
+
+def _storage_retries(runtime) -> int:
+    settings = getattr(runtime, "settings", None)
+    return int(getattr(settings, "storage_retries", 8) or 1)
+
+
+def _heartbeat(session: Session, claim: Claim) -> None:
+    """Write the job's heartbeat (between two store retries: the job is alive)."""
+    try:
+        _write(session, lambda: session.execute(
+            update(Job).where(*_owned(claim)).values(heartbeat_at=utcnow())), attempts=2)
+    except Exception as error:  # noqa: BLE001 - best effort
+        session.rollback()
+        log.warning("job %s: heartbeat not written: %s", claim.job_id, one_line(error))
+
+
+def _committed_reuse_key(claim: Claim, runtime) -> str | None:
+    """The reuse key to store with a succeeded job: its request key combined
+    with this worker's arithmetic settings; None when its result is not
+    bit-for-bit reproducible (``EBB_REPRODUCIBLE=0``, or an extremal job:
+    equal only within float rounding, see the README)."""
+    from shared import reuse
+
+    settings = getattr(runtime, "settings", None)
+    arithmetic = tuple(getattr(settings, "arithmetic", ()) or ())
+    if not claim.request_key or not reuse.reproducible(arithmetic):
+        return None
+    if claim.config.get("method") == "extremal":
+        return None
+    return reuse.reuse_key(claim.request_key, arithmetic)
 
 
 def _config(claim: Claim):
@@ -689,10 +726,16 @@ class Checkpoint:
         self.passed.append(stage)
 
 
-def _remove_dir(path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
+def _discard_artifacts(runtime, claim: Claim, key: str | None) -> None:
+    """Delete what this attempt stored: its prefix on S3 (a failed upload
+    already removed its own), ``jobs/<id>`` on the file store. Best effort:
+    the sweeper removes S3 leftovers later."""
+    if key is None and runtime.storage.kind != "file":
+        return
+    try:
+        runtime.storage.delete_prefix(key or job_key(claim.job_id))
+    except (StorageUnavailable, OSError):
+        log.warning("job %s: could not delete the artifacts of attempt %d", claim.job_id, claim.attempt)
 
 
 def _check_disk(runtime) -> None:
@@ -713,7 +756,7 @@ def _check_disk(runtime) -> None:
 def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
     started = time.perf_counter()
     _check_disk(runtime)
-    decoded = _decode(runtime, claim)
+    decoded = _decode(runtime, claim, on_retry=lambda: _heartbeat(session, claim))
     config = _config(claim)
     cost, budget_s = _admission(claim, runtime, decoded, config)
     reporter = ProgressReporter(session, claim, runtime.stopping, deadline=time.monotonic() + budget_s)
@@ -760,7 +803,7 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
             raise Superseded()
         return "cancelled"
 
-    job_dir = runtime.storage.job_dir(claim.job_id)
+    artifacts_key: str | None = None  # set once this attempt's artifacts are all stored
     saved = False
     try:
         # Faithfulness of every mask (and of Grad-CAM), right after the masks;
@@ -786,18 +829,29 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
                     "area_masks": getattr(e, "area_masks", None)}
 
         saving = time.perf_counter()
+
+        def render(folder):
+            save_artifacts(
+                folder, decoded.pixels, explanation,
+                **extras(explanation, evaluations[0]),
+                results=[{"explanation": e, **extras(e, ev)} for e, ev in zip(explanations[1:], evaluations[1:])],
+                max_side=int(runtime.settings.max_artifact_side),
+            )
+
+        # Every object is written (a fresh per-attempt prefix on S3) before the
+        # row names it: the update below is the commit point.
         saved = True
-        save_artifacts(
-            job_dir, decoded.pixels, explanation,
-            **extras(explanation, evaluations[0]),
-            results=[{"explanation": e, **extras(e, ev)} for e, ev in zip(explanations[1:], evaluations[1:])],
-            max_side=int(runtime.settings.max_artifact_side),
-        )
+        try:
+            artifacts_key = runtime.storage.write_artifacts(
+                claim.job_id, claim.attempt, render, retries=_storage_retries(runtime),
+                on_retry=lambda: _heartbeat(session, claim))
+        except StorageUnavailable as error:
+            raise JobError(f"could not write the artifacts to the store: {error}") from None
         timings["save_s"] = time.perf_counter() - saving
         checkpoint("before commit")
     except Cancelled as stop:
         if saved:
-            _remove_dir(job_dir)
+            _discard_artifacts(runtime, claim, artifacts_key)
         timings["total_s"] = time.perf_counter() - started
         log.info("job %s: cancelled %s", claim.job_id, stop.args[0] if stop.args else "")
         if not _finish(session, claim, status=JobStatus.CANCELLED.value, timings=timings, **common):
@@ -805,7 +859,7 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
         return "cancelled"
     except JobError:
         if saved:
-            _remove_dir(job_dir)
+            _discard_artifacts(runtime, claim, artifacts_key)
         raise
     timings["live_score_s"] = progress.live_seconds
     if preview is not None:
@@ -826,6 +880,8 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
         timings=timings,
         results=results,
         error=None,
+        artifacts_key=artifacts_key,
+        reuse_key=_committed_reuse_key(claim, runtime),
         **common,
     )
     if not ok:
@@ -833,10 +889,12 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
         try:
             checkpoint("commit")
         except Cancelled:
-            _remove_dir(job_dir)
+            _discard_artifacts(runtime, claim, artifacts_key)
             if not _finish(session, claim, status=JobStatus.CANCELLED.value, timings=timings, **common):
                 raise Superseded() from None
             return "cancelled"
+        if runtime.storage.kind != "file":  # this attempt's own prefix; never the committed one
+            _discard_artifacts(runtime, claim, artifacts_key)
         raise Superseded()
     log.debug("job %s: %d target(s), score %.3f -> %.3f", claim.job_id, len(explanations),
               explanation.score_before, explanation.score_after)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from shared import settings as settings_mod
-from shared.storage import Storage
+from shared.storage import Storage, open_storage
 
 if TYPE_CHECKING:  # pragma: no cover
     from worker.engine import BatchEngine
@@ -257,7 +257,7 @@ def load_runtime(settings: settings_mod.Settings | None = None, environ: Mapping
             classifier=classifier,
             device=device,
             settings=settings,
-            storage=Storage(settings.data_dir),
+            storage=open_storage(settings),
             hostname=worker_hostname(settings.model, device, env),
             heartbeat_timeout_s=heartbeat_timeout_s(env),
             max_attempts=max_attempts(env),

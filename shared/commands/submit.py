@@ -81,6 +81,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fields = p.add_argument_group("submission fields (sent only when given; see the README's API section)")
     for flag, field, help_text in FIELD_FLAGS:
         fields.add_argument(flag, dest=field, default=None, metavar=field.upper(), help=help_text)
+    p.add_argument("--force", action="store_true",
+                   help="run the job even if an identical one already succeeded "
+                        "(else it is answered at once from that job's artifacts)")
     p.add_argument("--wait", action="store_true",
                    help="wait for every job (one progress bar), then download their artifacts")
     p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT),
@@ -101,7 +104,10 @@ def add_connection_arguments(p: argparse.ArgumentParser) -> None:
 
 def submission_fields(args: argparse.Namespace) -> dict[str, str]:
     """The API fields the user gave on the command line (and only those)."""
-    return {field: getattr(args, field) for _, field, _ in FIELD_FLAGS if getattr(args, field, None) is not None}
+    fields = {field: getattr(args, field) for _, field, _ in FIELD_FLAGS if getattr(args, field, None) is not None}
+    if getattr(args, "force", False):
+        fields["force"] = "1"
+    return fields
 
 
 def collect_images(paths: list[Path]) -> list[Path]:

@@ -87,3 +87,14 @@ class Job(Base):
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, default=utcnow)
     worker_hostname: Mapped[str | None] = mapped_column(String(255), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Where the artifacts of a succeeded job live in the store (``jobs/<id>`` on
+    # the file store, ``jobs/<id>/<attempt token>`` on S3); set by the same
+    # update that marks it succeeded, so a reader never sees half a result.
+    # None on rows older than migration 0004: ``jobs/<id>``.
+    artifacts_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # sha256 of the inputs (image, model, targets, config) and of the settings
+    # that change the arithmetic (``shared.reuse``); set when the job succeeded
+    # reproducibly. Identical submissions are answered from such a job.
+    reuse_key: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    # The succeeded job whose artifacts (and results) this one shares.
+    reused_from: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)

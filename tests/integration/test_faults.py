@@ -249,6 +249,8 @@ def _web_env(stack: Stack, **extra: str) -> dict[str, str]:
         "EBB_SECRET_KEY": "test-secret-key",
         "EBB_API_TOKENS": "",
         "EBB_RATE_LIMIT": "1000/minute",
+        # identical SHORT jobs must each run (attempts, folders): no answers from the store
+        "EBB_REUSE": "0",
     }
     env.update(extra)
     return env

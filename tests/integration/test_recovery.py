@@ -38,12 +38,27 @@ LONG = {"iterations": 150, "input_size": 96, "mask_size": 8}
 SHORT = {"iterations": 10, "input_size": 64, "mask_size": 8}
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def own_database(request, tmp_path) -> str:
+    """A migrated database for this test alone: a worker re-sends the queued
+    jobs of its database into its own broker, so none may share it."""
+    from shared.db.migrations import upgrade_database
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'own.sqlite3'}"
+    else:
+        url = request.getfixturevalue("fresh_postgres_url")
+    upgrade_database(url)
+    return url
+
+
 @pytest.fixture
 def spawn(start_worker) -> Iterator[Callable[..., Stack]]:
     """Start workers for one test; all killed when it ends (request after the Redis fixture)."""
     mine: list[Stack] = []
 
     def spawn(name: str, wait: bool = True, **kwargs: Any) -> Stack:
+        kwargs.setdefault("EBB_REUSE", "0")  # every job runs (identical submissions are the point here)
         stack = build_stack(start_worker, name=name, wait=False, **kwargs)
         mine.append(stack)
         if wait:
@@ -155,9 +170,9 @@ def test_long_scoring_keeps_every_heartbeat_fresh_and_is_never_reaped(start_redi
 # --------------------------------------------------------------------------- Redis restarted empty
 
 
-@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
-def test_redis_restarted_empty_with_jobs_queued_all_finish_once(start_redis_server, spawn, database_url,
+def test_redis_restarted_empty_with_jobs_queued_all_finish_once(own_database, start_redis_server, spawn,
                                                                tmp_path, image_bytes):
+    database_url = own_database
     redis = start_redis_server("redis", appendonly=False)  # what ebb run and .ci/run used to start
     prefix = f"recovery-empty-{uuid.uuid4().hex[:6]}"
     # No periodic pass within the test (the first one ran at start-up, before

@@ -35,7 +35,10 @@ def test_submit_every_api_field_is_a_dash_named_flag():
         argv += [flag, f"v-{field}"]
     args = parse(*argv)
     assert submit.submission_fields(args) == {field: f"v-{field}" for _, field, _ in submit.FIELD_FLAGS}
-    assert {field for _, field, _ in submit.FIELD_FLAGS} == set(SUBMISSION_FIELDS)
+    # ``force`` is the one boolean field: the flag ``--force`` sends force=1
+    assert {field for _, field, _ in submit.FIELD_FLAGS} | {"force"} == set(SUBMISSION_FIELDS)
+    assert "force" not in submit.submission_fields(args)
+    assert submit.submission_fields(parse("submit", "x.jpg", "--force")) == {"force": "1"}
 
 
 def test_submit_values_are_passed_through_for_the_server_to_validate():

@@ -46,10 +46,30 @@ def test_compose_services():
         assert devices[0]["capabilities"] == ["gpu"]
         assert len(devices[0]["device_ids"]) == 1, f"{name} must own exactly one GPU"
         device_ids.add(devices[0]["device_ids"][0])
-        assert "/data" in " ".join(w["volumes"])
+        assert "volumes" not in w, f"{name} must not share a disk with the web"
         assert "redis://:" in w["environment"]["REDIS_URL"], "Redis password must be in the URL"
+        assert w["environment"]["STORAGE_URL"].startswith("s3://")
+        assert w["depends_on"]["store"]["condition"] == "service_healthy"
     assert len(device_ids) == len(workers), "each worker service reserves its own GPU"
-    assert "ebb-data:/data" in services["web"]["volumes"]
+    assert services["web"]["volumes"] == ["web-data:/data"]  # private thumbnail cache
+
+
+def test_compose_object_store():
+    c = _compose("docker-compose.yml")
+    store = c["services"]["store"]
+    assert store["image"].startswith("chrislusf/seaweedfs:")
+    assert store["command"][:3] == ["server", "-dir=/data", "-s3"] and "-s3.port=8333" in store["command"]
+    assert store["environment"]["AWS_ACCESS_KEY_ID"] == c["services"]["web"]["environment"]["AWS_ACCESS_KEY_ID"]
+    assert "healthz" in " ".join(store["healthcheck"]["test"])
+    env = c["services"]["web"]["environment"]
+    assert env["STORAGE_URL"].startswith("s3://") and env["S3_ENDPOINT_URL"] == "http://store:8333"
+    assert "AWS_SECRET_ACCESS_KEY" in env
+    # the compose values parse as this service's settings
+    from shared import settings as settings_mod
+
+    resolved = {k: re.sub(r"\$\{[A-Z_0-9]+:-([^}]*)\}", r"\1", str(v)) for k, v in env.items()}
+    settings = settings_mod.load(resolved)
+    assert settings.storage == "s3://ebb/" and settings.s3_endpoint_url == "http://store:8333"
 
 
 def test_web_container_gets_the_threaded_json_worker_and_its_settings():
@@ -88,7 +108,12 @@ def test_worker_only_compose_points_at_the_main_machine():
         env = w["environment"]
         assert "EBB_MAIN_HOST" in env["DATABASE_URL"] and "EBB_MAIN_HOST" in env["REDIS_URL"]
         assert w["command"] == ["ebb", "worker"]
-    assert c["volumes"]["ebb-data"]["driver_opts"]["type"] == "nfs"
+        # only Redis, PostgreSQL and the store: no shared disk
+        assert env["STORAGE_URL"].startswith("s3://") and "EBB_MAIN_HOST" in env["S3_ENDPOINT_URL"]
+        assert "S3_ACCESS_KEY" in env["AWS_ACCESS_KEY_ID"] and "S3_SECRET_KEY" in env["AWS_SECRET_ACCESS_KEY"]
+        assert "volumes" not in w
+    assert "volumes" not in c
+    assert "nfs" not in (ROOT / "docker-compose.worker.yml").read_text().lower().replace("no nfs", "")
 
 
 def test_web_image_has_no_torch():
