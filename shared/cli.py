@@ -5,6 +5,7 @@ Subcommands:
 * ``ebb db upgrade`` / ``ebb db current`` -- migrate / inspect the database;
 * ``ebb worker`` -- a Celery worker serving ``EBB_MODEL`` on ``explain.<model>``;
 * ``ebb reap`` -- one pass of the stale-job reaper;
+* ``ebb purge --older-than 30d [--dry-run]`` -- delete old finished jobs;
 * ``ebb run`` -- everything locally: Redis, one worker, the web app;
 * ``ebb web`` -- the production web server (gunicorn);
 * ``ebb submit`` / ``ebb workers`` -- a client of a running service
@@ -75,6 +76,36 @@ def add_db_command(subparsers) -> None:
     cur = db_sub.add_parser("current", help="print the current and newest revisions (exit 1 if behind)")
     cur.add_argument("--url", help="database URL (default: DATABASE_URL)")
     cur.set_defaults(func=_cmd_db_current)
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def _cmd_tokens_create(args: argparse.Namespace) -> int:
+    from shared import settings as settings_mod
+    from shared.db.migrations import upgrade_database
+    from shared.db.session import session_factory
+    from shared.tokens import create_token
+
+    url = args.url or settings_mod.load().database_url
+    upgrade_database(url)
+    with session_factory(url)() as db:
+        token = create_token(db, args.name, admin=args.admin)
+    print(token)
+    print(f"token for {args.name!r}{' (admin)' if args.admin else ''} created; only its hash "
+          "is stored: keep it now, it cannot be shown again", file=sys.stderr)
+    return 0
+
+
+def add_tokens_command(subparsers) -> None:
+    """``ebb tokens create NAME [--admin]``."""
+    tokens = subparsers.add_parser("tokens", help="API tokens stored in the database")
+    sub = tokens.add_subparsers(dest="tokens_command", required=True, metavar="{create}")
+    create = sub.add_parser("create", help="make a new token for owner NAME and print it once")
+    create.add_argument("name", metavar="NAME", help="owner name (letters, digits, _ . @ -)")
+    create.add_argument("--admin", action="store_true", help="the token sees every owner's jobs")
+    create.add_argument("--url", help="database URL (default: DATABASE_URL)")
+    create.set_defaults(func=_cmd_tokens_create)
 
 
 # --------------------------------------------------------------------------- worker
@@ -187,6 +218,40 @@ def add_reap_command(subparsers) -> None:
                         "message is still queued (default 0: only lost messages are re-sent, see "
                         "EBB_RESEND_QUEUED_AFTER)")
     p.set_defaults(func=_cmd_reap)
+
+
+# --------------------------------------------------------------------------- purge
+
+
+def _cmd_purge(args: argparse.Namespace) -> int:
+    from shared import settings as settings_mod
+    from shared.db.migrations import upgrade_database
+    from shared.db.session import session_scope
+    from shared.retention import open_store, parse_age, purge
+
+    age = parse_age(args.older_than)
+    settings = settings_mod.load()
+    upgrade_database(settings.database_url)
+    with session_scope(settings.database_url) as session:
+        report = purge(session, open_store(settings), age, dry_run=args.dry_run)
+    for job_id in report.jobs:
+        print(job_id)
+    kept = f", {len(report.kept)} kept (still used by other jobs)" if report.kept else ""
+    print(f"{report.summary()}{kept}")
+    return 0
+
+
+def add_purge_command(subparsers) -> None:
+    """``ebb purge``."""
+    p = subparsers.add_parser(
+        "purge", help="delete finished jobs older than an age, with their files",
+        description="Delete the finished jobs (succeeded, failed, cancelled) that finished longer "
+                    "ago than --older-than: their rows, their artifacts and their uploads unless "
+                    "another job still uses them.")
+    p.add_argument("--older-than", required=True, metavar="AGE",
+                   help="e.g. 30d, 12h, 90m (a bare number is days)")
+    p.add_argument("--dry-run", action="store_true", help="list the jobs, delete nothing")
+    p.set_defaults(func=_cmd_purge)
 
 
 # --------------------------------------------------------------------------- run
@@ -486,8 +551,10 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     explain_command.register,
     models_command.register,
     add_db_command,
+    add_tokens_command,
     add_worker_command,
     add_reap_command,
+    add_purge_command,
     add_run_command,
     web_command.register,
     submit_command.register,

@@ -6,6 +6,7 @@ Nothing here is read at import time: call :func:`load` when a process starts.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,15 @@ DEFAULT_MAX_JOB_MEMORY = 4 * 2**30
 DEFAULT_MAX_JOB_WORK = 100_000
 DEFAULT_MAX_PIXELS = 25_000_000
 DEFAULT_MAX_ARTIFACT_SIDE = 2048
+#: Hours a login session lasts when ``EBB_SESSION_HOURS`` is not set.
+DEFAULT_SESSION_HOURS = 12.0
+#: Owner of the bare ``<token>`` entries of ``EBB_API_TOKENS`` and of every job
+#: created while no tokens are configured.
+DEFAULT_OWNER = "default"
+_OWNER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+#: Quotas (issue 15) when their variables are not set.
+DEFAULT_MAX_ITERATIONS = 2000
+DEFAULT_MAX_QUEUED_PER_OWNER = 20
 #: ``EBB_RATE_LIMIT`` values that switch rate limiting off.
 _RATE_LIMIT_OFF = ("0", "off", "none", "false", "no", "disabled")
 
@@ -39,8 +49,13 @@ class Settings:
         models: models offered by the web form / accepted by the API;
             env ``EBB_MODELS`` (comma separated), default: ``EBB_MODEL``.
         max_batch: worker batch cap, env ``EBB_MAX_BATCH`` (0 = automatic).
-        api_tokens: bearer tokens; env ``EBB_API_TOKENS`` (comma separated).
-            Empty means the service is open.
+        api_tokens: the entries of ``EBB_API_TOKENS`` (comma separated):
+            ``<token>`` (owner ``default``), ``name:<token>`` or
+            ``name:<token>:admin``; see :func:`parse_api_tokens` and
+            :attr:`token_entries`. Empty (and no token made with
+            ``ebb tokens create``) means the service is open.
+        session_hours: lifetime of a login session in hours (server side, so
+            logout revokes it); env ``EBB_SESSION_HOURS``, default 12.
         max_upload_mb: upload size limit in MiB; env ``EBB_MAX_UPLOAD_MB``.
         weights_file: optional local weights file for ``model``; env
             ``EBB_WEIGHTS_FILE``.
@@ -116,6 +131,16 @@ class Settings:
             ``EBB_MAX_ARTIFACT_SIDE``, default 2048.
         device_memory: memory budget in bytes of the worker engine's batch;
             env ``EBB_DEVICE_MEMORY``, default None: what the device reports.
+        max_iterations: most optimisation steps one job may ask for; env
+            ``EBB_MAX_ITERATIONS``, default 2000.
+        max_queued_per_owner: most queued + running jobs one owner may have;
+            env ``EBB_MAX_QUEUED_PER_OWNER``, default 20.
+        work_budget: most mask-iterations (targets x iterations x areas) one
+            owner may have accepted in any hour; env ``EBB_WORK_BUDGET``,
+            default None (no budget).
+        retention_days: the reaper deletes finished jobs (rows, artifacts,
+            unused uploads) older than this many days; env
+            ``EBB_RETENTION_DAYS``, default None (keep forever).
         test_slow_scoring_s: TEST ONLY: seconds the worker sleeps before
             scoring each target, so a test can cancel during scoring; env
             ``EBB_TEST_SLOW_SCORING_SECONDS``, default 0. Never set it in
@@ -129,6 +154,7 @@ class Settings:
     models: tuple[str, ...]
     max_batch: int
     api_tokens: tuple[str, ...] = field(default=())
+    session_hours: float = DEFAULT_SESSION_HOURS
     max_upload_mb: float = 20.0
     weights_file: str | None = None
     rate_limit: str = DEFAULT_RATE_LIMIT
@@ -156,12 +182,82 @@ class Settings:
     job_timeout_s: float | None = None
     max_artifact_side: int = DEFAULT_MAX_ARTIFACT_SIDE
     device_memory: int | None = None
+    max_iterations: int = DEFAULT_MAX_ITERATIONS
+    max_queued_per_owner: int = DEFAULT_MAX_QUEUED_PER_OWNER
+    work_budget: int | None = None
+    retention_days: float | None = None
     test_slow_scoring_s: float = 0.0
 
     @property
     def storage(self) -> str:
         """``file://<data_dir>`` when ``storage_url`` is blank."""
         return self.storage_url or f"file://{self.data_dir}"
+
+    @property
+    def token_entries(self) -> tuple[TokenEntry, ...]:
+        """``api_tokens`` parsed (validated once at :func:`load`)."""
+        return parse_api_tokens(self.api_tokens)
+
+
+@dataclass(frozen=True)
+class TokenEntry:
+    """One entry of ``EBB_API_TOKENS``: the owner ``name``, the token, the admin flag."""
+
+    name: str
+    token: str
+    admin: bool = False
+
+
+def valid_owner_name(name: str) -> bool:
+    """True for 1-64 characters of ``A-Z a-z 0-9 _ . @ -`` starting with a letter or digit."""
+    return bool(_OWNER_NAME.match(name or ""))
+
+
+def parse_api_tokens(entries: tuple[str, ...]) -> tuple[TokenEntry, ...]:
+    """Parse ``EBB_API_TOKENS`` entries: ``<token>`` (owner ``default``),
+    ``name:<token>`` or ``name:<token>:admin``. Raises ValueError on a bad entry
+    (an invalid name, an empty token, a third part other than ``admin``, or one
+    token given twice)."""
+    out: list[TokenEntry] = []
+    seen: set[str] = set()
+    for position, entry in enumerate(entries, start=1):
+        parts = entry.split(":")
+        admin = False
+        if len(parts) == 1:
+            name, token = DEFAULT_OWNER, parts[0]
+        elif len(parts) == 2:
+            name, token = parts
+        elif len(parts) == 3 and parts[2].strip().lower() == "admin":
+            name, token, admin = parts[0], parts[1], True
+        else:
+            raise ValueError(
+                f"EBB_API_TOKENS entry {position} must be <token>, name:<token> or "
+                "name:<token>:admin")
+        name, token = name.strip(), token.strip()
+        if not valid_owner_name(name):
+            raise ValueError(
+                f"EBB_API_TOKENS entry {position}: the name must be 1-64 characters of "
+                "letters, digits, '_', '.', '@' or '-'")
+        if not token:
+            raise ValueError(f"EBB_API_TOKENS entry {position}: the token is empty")
+        if token in seen:
+            raise ValueError(f"EBB_API_TOKENS entry {position}: this token is given twice")
+        seen.add(token)
+        out.append(TokenEntry(name=name, token=token, admin=admin))
+    return tuple(out)
+
+
+def _session_hours(env) -> float:
+    raw = str(env.get("EBB_SESSION_HOURS") or "").strip()
+    if not raw:
+        return DEFAULT_SESSION_HOURS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"EBB_SESSION_HOURS must be a positive number of hours, got {raw!r}")
+    return value
 
 
 def _rate_limit(value: str | None) -> str:
@@ -270,6 +366,26 @@ def _job_timeout(env) -> float | None:
     return value
 
 
+def _optional_int(env, name: str) -> int | None:
+    """A positive integer, or None when unset or blank."""
+    if not str(env.get(name) or "").strip():
+        return None
+    return _positive_int(env, name, 0)
+
+
+def _retention_days(env) -> float | None:
+    raw = str(env.get("EBB_RETENTION_DAYS") or "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"EBB_RETENTION_DAYS must be a positive number of days, got {raw!r}")
+    return value
+
+
 def _seconds(env, name: str) -> float:
     raw = str(env.get(name) or "").strip()
     try:
@@ -283,6 +399,8 @@ def load(environ: dict[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
     data_dir = Path(env.get("DATA_DIR", "data")).resolve()
     model = env.get("EBB_MODEL", "vgg19")
+    api_tokens = _csv(env.get("EBB_API_TOKENS"))
+    parse_api_tokens(api_tokens)  # fail at start-up on a malformed entry
     return Settings(
         data_dir=data_dir,
         database_url=env.get("DATABASE_URL") or f"sqlite:///{data_dir / 'ebb.sqlite3'}",
@@ -290,7 +408,8 @@ def load(environ: dict[str, str] | None = None) -> Settings:
         model=model,
         models=_csv(env.get("EBB_MODELS")) or (model,),
         max_batch=int(env.get("EBB_MAX_BATCH", "0") or 0),
-        api_tokens=_csv(env.get("EBB_API_TOKENS")),
+        api_tokens=api_tokens,
+        session_hours=_session_hours(env),
         max_upload_mb=float(env.get("EBB_MAX_UPLOAD_MB", "20")),
         weights_file=env.get("EBB_WEIGHTS_FILE") or None,
         rate_limit=_rate_limit(env.get("EBB_RATE_LIMIT")),
@@ -322,5 +441,9 @@ def load(environ: dict[str, str] | None = None) -> Settings:
         job_timeout_s=_job_timeout(env),
         max_artifact_side=_positive_int(env, "EBB_MAX_ARTIFACT_SIDE", DEFAULT_MAX_ARTIFACT_SIDE),
         device_memory=_bytes(env, "EBB_DEVICE_MEMORY", None),
+        max_iterations=_positive_int(env, "EBB_MAX_ITERATIONS", DEFAULT_MAX_ITERATIONS),
+        max_queued_per_owner=_positive_int(env, "EBB_MAX_QUEUED_PER_OWNER", DEFAULT_MAX_QUEUED_PER_OWNER),
+        work_budget=_optional_int(env, "EBB_WORK_BUDGET"),
+        retention_days=_retention_days(env),
         test_slow_scoring_s=_seconds(env, "EBB_TEST_SLOW_SCORING_SECONDS"),
     )

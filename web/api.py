@@ -10,7 +10,8 @@ from shared.storage import StorageUnavailable
 
 from shared.attribution.config import PerturbationConfig
 
-from . import fleet
+from . import fleet, quotas
+from .auth import current_owner, owner_name
 from . import jobs as jobs_svc
 from .db import get_db, state
 from .errors import ApiError
@@ -38,7 +39,8 @@ def create_job():
         raise errors.first() from None
     force = jobs_svc.parse_force(request.form)
     db = get_db()
-    job = jobs_svc.submit(db, st.storage, sub, force=force)
+    quotas.check(db, st.settings, owner_name(), quotas.submission_work(sub))
+    job = jobs_svc.submit(db, st.storage, sub, owner_name(), force=force)
     body = jobs_svc.job_to_dict(db, st.storage, job)
     response = jsonify(body)
     response.status_code = 202
@@ -65,7 +67,8 @@ def list_jobs():
                            f"limit must be an integer between 1 and {MAX_LIMIT}", field="limit")
     cursor = request.args.get("cursor")
     db = get_db()
-    rows, next_cursor = jobs_svc.list_jobs(db, status=status, limit=limit, cursor=cursor)
+    rows, next_cursor = jobs_svc.list_jobs(db, status=status, limit=limit, cursor=cursor,
+                                             owner=current_owner())
     snapshot = jobs_svc.queue_snapshot(db, rows)  # one query for every row's queue position
     st = state()
     return jsonify({
@@ -77,14 +80,31 @@ def list_jobs():
 @bp.get("/jobs/<uuid:job_id>")
 def get_job(job_id: uuid.UUID):
     db = get_db()
-    job = jobs_svc.get_job(db, job_id)
+    job = jobs_svc.get_job(db, job_id, current_owner())
     return jsonify(jobs_svc.job_to_dict(db, state().storage, job))
+
+
+@bp.delete("/jobs/<uuid:job_id>")
+def delete_job(job_id: uuid.UUID):
+    """Delete a job, its artifacts and its upload (unless another job uses
+    them); a queued or running job is cancelled first. 204 when done."""
+    jobs_svc.delete_job(get_db(), state().storage, job_id, current_owner())
+    return "", 204
+
+
+@bp.get("/usage")
+def usage():
+    """The requester's quota usage and limits."""
+    st = state()
+    response = jsonify(quotas.usage(get_db(), st.settings, quotas.owner_name()))
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 @bp.post("/jobs/<uuid:job_id>/cancel")
 def cancel_job(job_id: uuid.UUID):
     db = get_db()
-    job = jobs_svc.cancel_job(db, job_id)
+    job = jobs_svc.cancel_job(db, job_id, current_owner())
     return jsonify(jobs_svc.job_to_dict(db, state().storage, job))
 
 
@@ -171,7 +191,7 @@ def _stream_object(storage, key: str, info, mimetype: str, download: bool, downl
 def job_artifact(job_id: uuid.UUID, name: str):
     if not jobs_svc.is_artifact_name(name):
         raise _unknown_artifact()
-    job = jobs_svc.get_job(get_db(), job_id)
+    job = jobs_svc.get_job(get_db(), job_id, current_owner())
     key = jobs_svc.artifact_key(job, name)
     assert key is not None
     return _send_artifact(job, key, name, "")
@@ -183,7 +203,7 @@ def job_result_artifact(job_id: uuid.UUID, k: int, name: str):
     the same files as ``/artifacts/<name>``)."""
     if name == jobs_svc.PREVIEW or not jobs_svc.is_artifact_name(name):
         raise _unknown_artifact()
-    job = jobs_svc.get_job(get_db(), job_id)
+    job = jobs_svc.get_job(get_db(), job_id, current_owner())
     count = len(jobs_svc.stored_results(job))
     if k != 0 and k >= count:
         raise ApiError(404, "not_found",

@@ -52,13 +52,16 @@ class ApiError(Exception):
     """An error with an HTTP status, a stable machine code and a message."""
 
     def __init__(
-        self, status: int, code: str, message: str, field: str | None = None, **extra: Any
+        self, status: int, code: str, message: str, field: str | None = None,
+        headers: dict[str, str] | None = None, **extra: Any
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.field = field
+        #: Response headers (e.g. ``Retry-After`` of a 429).
+        self.headers = dict(headers or {})
         self.extra = extra
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,12 +107,23 @@ def _max_upload_mb() -> float:
     return round((request.max_content_length or 0) / 1048576, 2)
 
 
+def remember_headers(exc: ApiError) -> None:
+    """Note ``exc``'s ``Retry-After`` so the rate limiter's own header
+    (written on every limited response) does not replace it."""
+    if "Retry-After" in exc.headers:
+        from flask import g
+
+        g.ebb_retry_after = exc.headers["Retry-After"]
+
+
 def _handle_api_error(exc: ApiError):
+    remember_headers(exc)
     if is_api_request():
         response = jsonify(exc.to_dict())
         response.status_code = exc.status
+        response.headers.extend(exc.headers)
         return response
-    return html_error(exc.status, exc.message)
+    return html_error(exc.status, exc.message, headers=exc.headers.items())
 
 
 def _handle_http(exc: HTTPException):

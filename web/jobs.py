@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from shared.attribution.config import BLURS, GAMES, MAX_AREAS, METHODS, PERTURBATIONS, PRECISIONS
 from shared.attribution.config import PerturbationConfig
 from shared.db.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
+from shared.settings import DEFAULT_OWNER
 from shared.imaging.render import ARTIFACT_NAMES, EXTRA_ARTIFACT_NAMES, RESULTS_SUBDIR
 from shared.storage import StorageUnavailable, job_key, preview_key
 from shared.storage_check import FULL, StorageFault, check_storage, classify_os_error
@@ -370,8 +371,9 @@ def parse_submission(
 
 def admit(sub: Submission, settings: Any) -> None:
     """Admission control: raise :class:`SubmissionErrors` with code
-    ``too_expensive`` on the field to lower when ``sub``'s estimated memory or
-    work (:mod:`shared.cost`) is over ``EBB_MAX_JOB_MEMORY`` /
+    ``too_expensive`` on the field to lower when ``sub`` asks for more than
+    ``EBB_MAX_ITERATIONS`` iterations (field ``iterations``), or its estimated
+    memory or work (:mod:`shared.cost`) is over ``EBB_MAX_JOB_MEMORY`` /
     ``EBB_MAX_JOB_WORK``. Nothing is stored."""
     from shared.cost import TooExpensive, check, estimate
 
@@ -383,6 +385,11 @@ def admit(sub: Submission, settings: Any) -> None:
               width=sub.width, height=sub.height)
     except TooExpensive as exc:
         raise SubmissionErrors({exc.field: ("too_expensive", exc.message)}) from None
+    cap = getattr(settings, "max_iterations", None)
+    if cap is not None and sub.config.iterations > cap:
+        raise SubmissionErrors({"iterations": (
+            "too_expensive",
+            f"iterations must be at most {cap} (EBB_MAX_ITERATIONS), got {sub.config.iterations}")})
 
 
 def single_image(files: Any) -> Any:
@@ -439,9 +446,11 @@ def submission_request_key(sub: Submission, sha: str) -> str:
                              targets=sub.targets, top_k=sub.top_k, config=sub.config.to_dict())
 
 
-def find_reusable(db: Session, settings: Any, request_key: str) -> Job | None:
-    """The newest succeeded job (not itself a reuse) with the same reuse key
-    under the web's arithmetic settings, or None."""
+def find_reusable(db: Session, settings: Any, request_key: str,
+                  owner: str = DEFAULT_OWNER) -> Job | None:
+    """The newest succeeded job of ``owner`` (not itself a reuse) with the same
+    reuse key under the web's arithmetic settings, or None. Only the owner's own
+    jobs are reused: another owner's results (and that they exist) stay theirs."""
     from shared import reuse
 
     if not reuse.reproducible(settings.arithmetic):
@@ -450,14 +459,15 @@ def find_reusable(db: Session, settings: Any, request_key: str) -> Job | None:
     return db.scalars(
         select(Job)
         .where(Job.reuse_key == key, Job.status == JobStatus.SUCCEEDED.value,
-               Job.reused_from.is_(None), Job.artifacts_key.is_not(None))
+               Job.reused_from.is_(None), Job.artifacts_key.is_not(None),
+               Job.owner == owner)
         .order_by(Job.finished_at.desc())
         .limit(1)
     ).first()
 
 
-def reuse_job(db: Session, original: Job, sub: Submission) -> Job:
-    """A new, already succeeded job sharing ``original``'s artifacts and results."""
+def reuse_job(db: Session, original: Job, sub: Submission, owner: str = DEFAULT_OWNER) -> Job:
+    """A new, already succeeded job of ``owner`` sharing ``original``'s artifacts and results."""
     now = utcnow()
     job = Job(
         id=uuid.uuid4(),
@@ -487,6 +497,7 @@ def reuse_job(db: Session, original: Job, sub: Submission) -> Job:
         attempts=0,
         artifacts_key=original.artifacts_key,
         reused_from=original.id,
+        owner=owner,
     )
     db.add(job)
     db.commit()
@@ -544,12 +555,12 @@ def discard_upload(db: Session, storage: Any, sha: str) -> None:
 
 
 def create_job(db: Session, storage: Any, sub: Submission, min_free_mb: float = 0.0,
-               request_key: str | None = None) -> Job:
-    """Check the data store, store the upload, insert the job (status queued)
-    and commit. Nothing stays stored when any of it fails."""
+               request_key: str | None = None, owner: str = DEFAULT_OWNER) -> Job:
+    """Check the data store, store the upload, insert the job (status queued,
+    owned by ``owner``) and commit. Nothing stays stored when any of it fails."""
     sha, created = store_upload(storage, sub.data, min_free_mb)
     try:
-        return _insert_job(db, sub, sha, request_key)
+        return _insert_job(db, sub, sha, request_key, owner)
     except BaseException:
         db.rollback()
         if created:
@@ -557,7 +568,8 @@ def create_job(db: Session, storage: Any, sub: Submission, min_free_mb: float = 
         raise
 
 
-def _insert_job(db: Session, sub: Submission, sha: str, request_key: str | None = None) -> Job:
+def _insert_job(db: Session, sub: Submission, sha: str, request_key: str | None = None,
+                owner: str = DEFAULT_OWNER) -> Job:
     now = utcnow()
     job = Job(
         id=uuid.uuid4(),
@@ -579,6 +591,7 @@ def _insert_job(db: Session, sub: Submission, sha: str, request_key: str | None 
         created_at=now,
         enqueued_at=now,
         reuse_key=request_key,
+        owner=owner,
     )
     db.add(job)
     db.commit()
@@ -623,16 +636,16 @@ def enqueue(job: Job) -> None:
         raise QueueUnavailable(str(exc)) from exc
 
 
-def submit(db: Session, storage: Any, sub: Submission, force: bool = False,
-           min_free_mb: float | None = None) -> Job:
-    """Create and queue a job; on a queue failure remove the row (and the
+def submit(db: Session, storage: Any, sub: Submission, owner: str = DEFAULT_OWNER,
+           force: bool = False, min_free_mb: float | None = None) -> Job:
+    """Create and queue a job owned by ``owner``; on a queue failure remove the row (and the
     upload, if no other job uses it) and raise :class:`ApiError` 503
     ``queue_unavailable``. ``min_free_mb`` defaults to the app's
     ``EBB_MIN_FREE_MB``; a full or unwritable store raises 507/503 first.
 
     Unless ``force`` (or ``EBB_REUSE=0``), a submission identical to a job that
     succeeded (same image, model, targets, full config and arithmetic
-    settings) is answered at once with a new succeeded job sharing that job's
+    settings) and belongs to the same owner is answered at once with a new succeeded job sharing that job's
     artifacts (``reused_from``); nothing is stored or queued.
     """
     settings = current_app.extensions["ebb"].settings
@@ -640,14 +653,14 @@ def submit(db: Session, storage: Any, sub: Submission, force: bool = False,
         min_free_mb = settings.min_free_mb
     request_key = submission_request_key(sub, hashlib.sha256(sub.data).hexdigest())
     if settings.reuse and not force:
-        original = find_reusable(db, settings, request_key)
+        original = find_reusable(db, settings, request_key, owner)
         if original is not None:
-            job = reuse_job(db, original, sub)
+            job = reuse_job(db, original, sub, owner)
             log.info("job %s answered from job %s (model %s)", job.id, original.id, job.model,
                      extra={"event": "reused", "job_id": str(job.id), "model": job.model,
                             "reused_from": str(original.id)})
             return job
-    job = create_job(db, storage, sub, min_free_mb, request_key)
+    job = create_job(db, storage, sub, min_free_mb, request_key, owner)
     try:
         enqueue(job)
     except QueueUnavailable:
@@ -676,8 +689,24 @@ def submit(db: Session, storage: Any, sub: Submission, force: bool = False,
 # --------------------------------------------------------------------------- read
 
 
-def get_job(db: Session, job_id: uuid.UUID) -> Job:
+def visible_to(job: Job | None, owner: Any) -> bool:
+    """Whether ``owner`` (a :class:`web.auth.Owner`, or None in single-user
+    mode) may see ``job``: its own jobs; an admin or single-user mode: all."""
+    if job is None:
+        return False
+    return owner is None or bool(owner.admin) or job.owner == owner.name
+
+
+def get_job_for_owner(db: Session, job_id: uuid.UUID, owner: Any) -> Job | None:
+    """The job if it exists and ``owner`` may see it, else None (another
+    owner's job is indistinguishable from a missing one)."""
     job = db.get(Job, job_id)
+    return job if visible_to(job, owner) else None
+
+
+def get_job(db: Session, job_id: uuid.UUID, owner: Any = None) -> Job:
+    """The job visible to ``owner`` (see :func:`get_job_for_owner`), else 404 ``not_found``."""
+    job = get_job_for_owner(db, job_id, owner)
     if job is None:
         raise ApiError(404, "not_found", f"job {job_id} not found")
     return job
@@ -1081,6 +1110,7 @@ def job_to_dict(db: Session, storage: Any, job: Job,
         "id": str(job.id),
         "status": job.status,
         "model": job.model,
+        "owner": job.owner or DEFAULT_OWNER,
         "target": {"index": job.target_index, "label": job.target_label},
         "targets": targets,
         "top_k": top_k if top_k and top_k > 0 else 1,
@@ -1111,6 +1141,7 @@ def job_to_dict(db: Session, storage: Any, job: Job,
         "worker": job.worker_hostname,
         "timings": job.timings if isinstance(job.timings, dict) else None,
         "cancel_requested": bool(job.cancel_requested),
+        "usage": _usage(db, job),
         "image": {
             "sha256": job.image_sha256,
             "width": job.image_width,
@@ -1124,6 +1155,12 @@ def job_to_dict(db: Session, storage: Any, job: Job,
             "thumbnail": url_for("pages.job_thumbnail", job_id=job.id),
         },
     }
+
+
+def _usage(db: Session, job: Job) -> dict[str, Any]:
+    from .quotas import cached_usage, job_owner
+
+    return cached_usage(db, current_app.extensions["ebb"].settings, job_owner(job))
 
 
 # --------------------------------------------------------------------------- list
@@ -1150,10 +1187,17 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise ApiError(400, "invalid_cursor", "cursor is not valid", field="cursor") from None
 
 
+def owner_filter(query: Any, owner: Any) -> Any:
+    """``query`` on jobs limited to those ``owner`` may see (all for an admin or None)."""
+    if owner is None or owner.admin:
+        return query
+    return query.where(Job.owner == owner.name)
+
+
 def list_jobs(
-    db: Session, *, status: str | None, limit: int, cursor: str | None
+    db: Session, *, status: str | None, limit: int, cursor: str | None, owner: Any = None
 ) -> tuple[list[Job], str | None]:
-    query = select(Job)
+    query = owner_filter(select(Job), owner)
     if status:
         query = query.where(Job.status == status)
     if cursor is not None:
@@ -1169,12 +1213,60 @@ def list_jobs(
     return rows[:limit], next_cursor
 
 
+# --------------------------------------------------------------------------- delete
+
+#: Seconds ``DELETE`` waits for a cancelled running job to stop before it answers 409.
+DELETE_WAIT_S = 5.0
+
+
+def delete_job(db: Session, storage: Any, job_id: uuid.UUID, owner: Any = None) -> None:
+    """Delete ``job_id`` (:func:`shared.retention.delete_job`): its row, its
+    artifacts and its upload unless another job uses them. A queued or
+    running job is cancelled first; a running one that has not stopped
+    within :data:`DELETE_WAIT_S` answers 409 ``job_running`` (retry later).
+    404 when it does not exist or ``owner`` may not see it (see
+    :func:`get_job_for_owner`)."""
+    import time
+
+    from shared.retention import NotFinished
+    from shared.retention import delete_job as delete_finished
+
+    job = get_job(db, job_id, owner)
+    if job.status not in TERMINAL_STATUSES:
+        try:
+            cancel_job(db, job_id, owner)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+        deadline = time.monotonic() + DELETE_WAIT_S
+        while job.status not in TERMINAL_STATUSES and time.monotonic() < deadline:
+            time.sleep(0.1)
+            db.rollback()
+            db.refresh(job)
+    running = ApiError(
+        409, "job_running",
+        f"job {job_id} is still {job.status}: its cancel was requested and it stops at its next "
+        "step; send the DELETE again in a moment.", headers={"Retry-After": "2"})
+    if job.status not in TERMINAL_STATUSES:
+        raise running
+    from .quotas import record_deleted
+
+    record_deleted(current_app.extensions["ebb"].settings, job)
+    try:
+        done = delete_finished(db, storage, job_id)
+    except NotFinished:
+        raise running from None
+    if done is None:
+        raise ApiError(404, "not_found", f"job {job_id} not found")
+
+
 # --------------------------------------------------------------------------- cancel
 
 
-def cancel_job(db: Session, job_id: uuid.UUID) -> Job:
-    """Cancel a queued job at once, ask a running one to stop; 409 if terminal."""
-    job = get_job(db, job_id)
+def cancel_job(db: Session, job_id: uuid.UUID, owner: Any = None) -> Job:
+    """Cancel a queued job at once, ask a running one to stop; 409 if terminal;
+    404 if it does not exist or ``owner`` may not see it."""
+    job = get_job(db, job_id, owner)
     now = utcnow()
     result = db.execute(
         update(Job)

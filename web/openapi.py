@@ -268,6 +268,32 @@ _WORKER = {
     },
 }
 
+_USAGE = {
+    "type": "object",
+    "description": "An owner's quota usage and limits (the token's name; `default` without "
+                   "tokens).",
+    "required": ["owner", "active_jobs", "max_active_jobs", "work_last_hour", "work_budget",
+                 "work_left", "next_refill_at", "max_iterations"],
+    "properties": {
+        "owner": {"type": "string"},
+        "active_jobs": {"type": "integer", "minimum": 0,
+                        "description": "Queued and running jobs."},
+        "max_active_jobs": {"type": "integer", "minimum": 1,
+                            "description": "`EBB_MAX_QUEUED_PER_OWNER` (default 20)."},
+        "work_last_hour": {"type": "integer", "minimum": 0,
+                           "description": "Mask-iterations (targets x iterations x areas) of the "
+                                          "jobs accepted in the last hour."},
+        "work_budget": _nullable({"type": "integer", "minimum": 1,
+                                  "description": "`EBB_WORK_BUDGET` per hour; null: none."}),
+        "work_left": _nullable({"type": "integer", "minimum": 0}),
+        "next_refill_at": _nullable({"type": "string", "format": "date-time",
+                                     "description": "When the oldest job of the last hour "
+                                                    "leaves the window."}),
+        "max_iterations": {"type": "integer", "minimum": 1,
+                           "description": "`EBB_MAX_ITERATIONS` (default 2000)."},
+    },
+}
+
 _JOB = {
     "type": "object",
     "required": [
@@ -276,11 +302,15 @@ _JOB = {
         "results", "warnings", "live", "queue_position", "queue", "current_score", "elapsed_s",
         "eta_s", "attempts", "reused_from",
         "worker", "timings", "image", "links",
+        "owner",
     ],
     "properties": {
         "id": {"type": "string", "format": "uuid"},
         "status": {"type": "string", "enum": list(STATUSES)},
         "model": {"type": "string"},
+        "owner": {"type": "string",
+                  "description": "Name of the API token that submitted the job (`default` for "
+                                 "a bare token and when no tokens are configured)."},
         "target": {
             **_TARGET,
             "description": "Class explained (the primary one when there are several); null "
@@ -380,6 +410,7 @@ _JOB = {
         "worker": _nullable({"type": "string"}),
         "timings": _nullable({"type": "object", "additionalProperties": True}),
         "cancel_requested": {"type": "boolean"},
+        "usage": _USAGE,
         "image": {
             "type": "object",
             "properties": {
@@ -402,6 +433,25 @@ _JOB = {
             "required": ["self", "page"],
         },
     },
+}
+
+_QUOTA_429 = {
+    "description": "Over a quota: `too_many_requests` (the request rate, `EBB_RATE_LIMIT`), "
+                   "`too_many_jobs` (the owner already has `EBB_MAX_QUEUED_PER_OWNER` queued "
+                   "and running jobs) or `work_budget_exceeded` (the job does not fit in what is "
+                   "left of the owner's hourly `EBB_WORK_BUDGET`; the message and `refills_at` "
+                   "say when it will). Retry after `Retry-After` seconds. Nothing is stored.",
+    "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 1},
+                                "description": "Seconds to wait."}},
+    "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/Error"},
+        "example": {"error": {"code": "work_budget_exceeded",
+                              "message": "'default' has used 9000 of its 10000 mask-iterations "
+                                         "this hour (EBB_WORK_BUDGET); this job needs 2000. The "
+                                         "budget refills enough for it at 2026-01-01T12:30:00Z "
+                                         "(in 1200 s).",
+                              "retry_after_s": 1200, "refills_at": "2026-01-01T12:30:00Z"}},
+    }},
 }
 
 _JOB_ID = {
@@ -466,11 +516,18 @@ operation except `GET /openapi.json` requires either
 in at `/login` (a session's `POST` requests must also send its CSRF token in
 `X-CSRFToken`). Without them the answer is 401 with `WWW-Authenticate: Bearer`.
 Without tokens configured the service is open and no credentials are needed.
+After 5 wrong tokens or logins from one client address within 15 minutes,
+every bearer attempt from it is answered 429 with `Retry-After` until then.
+
+Each token has a name, its *owner* (`EBB_API_TOKENS=name:<token>`, or
+`name:<token>:admin`): a job records its owner (`owner`), and every job
+operation sees only the owner's jobs (another owner's job is a 404
+`not_found`, exactly as a missing one); an admin token sees every job.
 
 ## Rate limits
 
 Job submissions (`POST /jobs`, shared with the upload form) are limited per
-client: per API token when one is sent, else per client address
+client: per token owner when a token is sent, else per client address
 (`EBB_RATE_LIMIT`, default 30 per minute and 500 per hour). Beyond it the
 answer is 429 with a `Retry-After` header (seconds); the
 `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset` headers
@@ -703,13 +760,16 @@ def _base_document(server_url: str) -> dict[str, Any]:
                             "over an admission limit (estimated memory over `EBB_MAX_JOB_MEMORY`, "
                             "default 4 GiB; mask-iterations = targets x iterations x areas over "
                             "`EBB_MAX_JOB_WORK`, default 100000; decoded pixels over "
-                            "`EBB_MAX_PIXELS`, default 25000000, read from the image header). "
+                            "`EBB_MAX_PIXELS`, default 25000000, read from the image header; "
+                            "iterations over `EBB_MAX_ITERATIONS`, default 2000; work over the "
+                            "whole hourly `EBB_WORK_BUDGET`). "
                             "`field` names the input to lower (`input_size`, `iterations`, "
                             "`areas`, `top_k`, `targets` or `image`). Nothing is stored.",
                             "too_expensive"),
                         "405": errors["405"],
                         "408": errors["408"],
                         "413": errors["413"],
+                        "429": _QUOTA_429,
                         "503": errors["503"],
                         "507": errors["507"],
                     },
@@ -884,7 +944,37 @@ def _base_document(server_url: str) -> dict[str, Any]:
                     },
                 },
                 "Job": _JOB,
+                "Usage": _USAGE,
             }
+        },
+    }
+    doc["paths"]["/jobs/{job_id}"]["delete"] = {
+        "operationId": "deleteJob",
+        "summary": "Delete a job, its artifacts and its upload.",
+        "description": "Deletes the job's row, its artifacts and its uploaded image, unless "
+                       "another job still uses them (a job that reused its result, or one "
+                       "submitted with the same image). A queued job is cancelled first; a "
+                       "running one is asked to stop and deleted once it has (409 "
+                       "`job_running` with `Retry-After` if it takes more than 5 s).",
+        "responses": {
+            "204": {"description": "Deleted."},
+            "404": errors["404"],
+            "405": errors["405"],
+            "409": {**_error_response("The job is still running; retry the DELETE.",
+                                      "job_running"),
+                    "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 1}}}},
+        },
+    }
+    doc["paths"]["/usage"] = {
+        "get": {
+            "operationId": "getUsage",
+            "summary": "The requester's quota usage and limits.",
+            "responses": {
+                "200": {"description": "Usage and limits of the requesting owner.",
+                        "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/Usage"}}}},
+                "405": errors["405"],
+            },
         },
     }
     return deepcopy(doc)

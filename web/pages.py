@@ -26,10 +26,11 @@ from sqlalchemy import func, select
 from shared.db.models import Job, JobStatus
 from shared.fleet import interval_s, workers_by_model
 
-from . import charts, fleet
+from . import charts, fleet, quotas
 from . import jobs as jobs_svc
+from .auth import current_owner, owner_name
 from .db import get_db, state
-from .errors import ApiError
+from .errors import ApiError, remember_headers
 from .forms import JobForm
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def pretty_key(value: str) -> str:
 
 
 def _job_or_404(job_id: uuid.UUID) -> Job:
-    job = get_db().get(Job, job_id)
+    job = jobs_svc.get_job_for_owner(get_db(), job_id, current_owner())
     if job is None:
         abort(404, description="This job does not exist.")
     return job
@@ -216,9 +217,14 @@ def submit():
                 field.errors = list(field.errors) + [message]
         return _render_form(form, 400, ["Please correct the highlighted fields."])
     try:
-        job = jobs_svc.submit(get_db(), st.storage, sub, force=jobs_svc.parse_force(request.form))
+        quotas.check(get_db(), st.settings, owner_name(), quotas.submission_work(sub))
+        job = jobs_svc.submit(get_db(), st.storage, sub, owner_name(),
+                              force=jobs_svc.parse_force(request.form))
     except ApiError as exc:
-        return _render_form(form, exc.status, [exc.message])
+        remember_headers(exc)
+        response = _render_form(form, exc.status, [exc.message])
+        response.headers.extend(exc.headers)
+        return response
     return redirect(url_for("pages.job", job_id=job.id), code=303)
 
 
@@ -230,12 +236,13 @@ def jobs():
     db = get_db()
     per_page = int(current_app.config.get("JOBS_PER_PAGE", 20))
     page = request.args.get("page", 1, type=int) or 1
-    total = int(db.scalar(select(func.count()).select_from(Job)) or 0)
+    owner = current_owner()
+    total = int(db.scalar(jobs_svc.owner_filter(select(func.count()).select_from(Job), owner)) or 0)
     pages = max(1, math.ceil(total / per_page))
     page = max(1, min(page, pages))
     rows = list(
         db.scalars(
-            select(Job)
+            jobs_svc.owner_filter(select(Job), owner)
             .order_by(Job.created_at.desc(), Job.id.desc())
             .offset((page - 1) * per_page)
             .limit(per_page)
@@ -245,7 +252,8 @@ def jobs():
     for job in rows:
         elapsed, _ = jobs_svc.elapsed_and_eta(job)
         items.append({"job": job, "elapsed": elapsed})
-    return render_template("jobs.html", items=items, page=page, pages=pages, total=total)
+    return render_template("jobs.html", items=items, page=page, pages=pages, total=total,
+                           show_owner=bool(owner is not None and owner.admin))
 
 
 @bp.get("/workers")
@@ -312,7 +320,7 @@ def job(job_id: uuid.UUID):
 @bp.post("/jobs/<uuid:job_id>/cancel")
 def cancel(job_id: uuid.UUID):
     try:
-        row = jobs_svc.cancel_job(get_db(), job_id)
+        row = jobs_svc.cancel_job(get_db(), job_id, current_owner())
     except ApiError as exc:
         if exc.status == 404:
             abort(404, description="This job does not exist.")
@@ -323,6 +331,20 @@ def cancel(job_id: uuid.UUID):
         else:
             flash("Cancellation requested; the worker stops within a second.", "info")
     return redirect(url_for("pages.job", job_id=job_id), code=303)
+
+
+@bp.post("/jobs/<uuid:job_id>/delete")
+def delete(job_id: uuid.UUID):
+    """The job page's delete button (CSRF-checked like every form)."""
+    try:
+        jobs_svc.delete_job(get_db(), state().storage, job_id, current_owner())
+    except ApiError as exc:
+        if exc.status == 404:
+            abort(404, description="This job does not exist.")
+        flash(exc.message, "warning")
+        return redirect(url_for("pages.job", job_id=job_id), code=303)
+    flash("The job and its files were deleted.", "info")
+    return redirect(url_for("pages.jobs"), code=303)
 
 
 def _upload_bytes(job: Job) -> bytes:

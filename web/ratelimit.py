@@ -4,7 +4,7 @@
 budget shared by ``POST /api/v1/jobs`` and the upload form's ``POST /``; the
 same limit applies, separately, to failed logins on ``POST /login``.
 
-Clients are told apart by their API token when they send a valid one (so
+Clients are told apart by their owner (the name of their API token) when they send a valid one (so
 several users behind one NAT have their own budgets), else by the remote
 address. Behind a reverse proxy the remote address is the proxy's: set
 ``EBB_TRUSTED_PROXIES`` to the number of proxies in front of the app and the
@@ -44,12 +44,12 @@ LOGIN_ENDPOINT = "auth.login"
 def client_key() -> str:
     """The rate-limit identity of the current request.
 
-    ``token:<n>`` for a request authenticated with the n-th configured API
-    token (see :mod:`web.auth`), else ``ip:<remote address>``.
+    ``owner:<name>`` for a request authenticated with a token (or a login) of
+    owner ``name`` (see :mod:`web.auth`), else ``ip:<remote address>``.
     """
-    token_index = g.get("ebb_token_index")
-    if token_index is not None:
-        return f"token:{token_index}"
+    owner = g.get("ebb_owner")
+    if owner is not None:
+        return f"owner:{owner.name}"
     return f"ip:{request.remote_addr or 'unknown'}"
 
 
@@ -74,7 +74,9 @@ def retry_after_seconds(default: int = 60) -> int:
 def _strip_retry_after(response: Response) -> Response:
     # Flask-Limiter writes Retry-After on every limited response; it only
     # means something on a refusal (or a 503).
-    if response.status_code not in (429, 503):
+    if g.get("ebb_retry_after"):  # an error's own Retry-After (a quota, a running job)
+        response.headers["Retry-After"] = g.ebb_retry_after
+    elif response.status_code not in (429, 503):
         response.headers.pop("Retry-After", None)
     return response
 

@@ -14,6 +14,9 @@
 * A ``queued`` job with ``cancel_requested`` becomes ``cancelled``.
 * Hidden temporary artifact folders older than an hour, left by a worker
   killed while writing, are deleted (:func:`sweep_leftovers`).
+* With ``EBB_RETENTION_DAYS`` set, finished jobs older than that are deleted
+  with their artifacts and the uploads nothing else uses
+  (:func:`shared.retention.purge`).
 
 Every change is a compare-and-set ``UPDATE``, so several workers may reap at
 once without double-sending. Runs periodically in every worker
@@ -276,13 +279,17 @@ def sweep_leftovers(jobs_dir: Path, older_than_s: float = DEFAULT_LEFTOVER_AGE_S
 
 class ReaperThread(threading.Thread):
     """Runs :func:`reap_stale_jobs` (and :func:`sweep_leftovers` when given
-    ``jobs_dir``) every ``interval_s`` until :meth:`stop`."""
+    ``jobs_dir``, :func:`shared.retention.purge` when given
+    ``retention_days`` and ``storage``) every ``interval_s`` until :meth:`stop`."""
 
     def __init__(self, database_url: str, heartbeat_timeout_s: float, max_attempts: int,
                  interval_s: float = DEFAULT_REAP_INTERVAL_S, send: Send | None = None,
                  requeue_queued_after_s: float | None = None,
-                 jobs_dir: Path | None = None, redis_url: str | None = None):
+                 jobs_dir: Path | None = None, retention_days: float | None = None,
+                 storage: object | None = None, redis_url: str | None = None):
         super().__init__(name="ebb-reaper", daemon=True)
+        self.retention_days = retention_days
+        self.storage = storage
         self.database_url = database_url
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.max_attempts = max_attempts
@@ -325,5 +332,10 @@ class ReaperThread(threading.Thread):
                                     requeue_queued_after_s=self.requeue_queued_after_s, alive=alive)
                 if self.jobs_dir is not None:
                     sweep_leftovers(self.jobs_dir)
+                if self.retention_days and self.storage is not None:
+                    from shared.retention import purge
+
+                    with session_scope(self.database_url) as session:
+                        purge(session, self.storage, timedelta(days=self.retention_days))
             except Exception:  # noqa: BLE001 - keep reaping
                 log.exception("reaper pass failed")

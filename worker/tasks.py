@@ -102,7 +102,9 @@ def start_worker_process(hostname: str | None = None) -> None:
         if interval > 0:
             _reaper = ReaperThread(settings.database_url, runtime.heartbeat_timeout_s,
                                    runtime.max_attempts, interval_s=interval, send=_requeue,
-                                   jobs_dir=getattr(runtime.storage, "jobs_dir", None), redis_url=settings.redis_url)
+                                   jobs_dir=getattr(runtime.storage, "jobs_dir", None),
+                                   retention_days=settings.retention_days, storage=runtime.storage,
+                                   redis_url=settings.redis_url)
             _reaper.start()
     if _reconciler is None and settings.reconcile_interval_s > 0 and settings.resend_queued_after_s:
         from worker.reconcile import ReconcileThread

@@ -7,7 +7,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, Integer, String, Text, Uuid
+from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, Text, Uuid
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -85,6 +85,10 @@ class Job(Base):
     # When the job's task was last sent to the queue; the reaper re-sends jobs
     # queued for too long (e.g. a Redis restart lost the message).
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, default=utcnow)
+    # The name of the token that submitted the job (``EBB_API_TOKENS`` entry or
+    # ``ebb tokens create``); ``default`` for bare tokens and single-user mode.
+    owner: Mapped[str] = mapped_column(String(64), index=True, default="default",
+                                       server_default="default")
     worker_hostname: Mapped[str | None] = mapped_column(String(255), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Where the artifacts of a succeeded job live in the store (``jobs/<id>`` on
@@ -98,3 +102,32 @@ class Job(Base):
     reuse_key: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     # The succeeded job whose artifacts (and results) this one shares.
     reused_from: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+
+
+class ApiToken(Base):
+    """A token made with ``ebb tokens create``: only its SHA-256 is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LoginSession(Base):
+    """A browser login (server side, so that logout revokes it).
+
+    The cookie carries a random session id; only its SHA-256 is stored here,
+    with the SHA-256 of the token that logged in (the session ends when that
+    token is no longer configured) and the expiry (``EBB_SESSION_HOURS``).
+    """
+
+    __tablename__ = "login_sessions"
+
+    id_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

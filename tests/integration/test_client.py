@@ -206,7 +206,7 @@ def test_client_cancel(client, tmp_path):
     image = REPO_ROOT.parent / "shared" / "images" / "flute.jpg"
     if not image.is_file():
         pytest.skip("flute.jpg not available")
-    job = client.submit(image, model=TEST_MODEL, iterations=5000, input_size=96, mask_size=8)
+    job = client.submit(image, model=TEST_MODEL, iterations=2000, input_size=96, mask_size=8)
     cancelled = client.cancel(job["id"])
     assert cancelled["status"] in ("cancelled", "running", "queued") and cancelled["cancel_requested"]
     final = client.wait(job["id"], poll=0.2, timeout=120)
@@ -221,7 +221,7 @@ def test_client_cancel(client, tmp_path):
 def test_client_wait_timeout(client, three_images):
     from shared.client import WaitTimeout
 
-    job = client.submit(three_images[0], model=TEST_MODEL, iterations=5000, input_size=96, mask_size=8)
+    job = client.submit(three_images[0], model=TEST_MODEL, iterations=2000, input_size=96, mask_size=8)
     try:
         with pytest.raises(WaitTimeout) as error:
             client.wait([job["id"]], poll=0.1, timeout=0.3)

@@ -46,7 +46,7 @@ def fuzz_app(tmp_path_factory) -> Iterator:
     from web import create_app
 
     data_dir: Path = tmp_path_factory.mktemp("fuzz") / "data"
-    env = app_env(data_dir, REDIS_DB, EBB_QUEUE_PREFIX=PREFIX, EBB_API_TOKENS=TOKEN,
+    env = app_env(data_dir, REDIS_DB, EBB_QUEUE_PREFIX=PREFIX, EBB_API_TOKENS=f"fuzz-lab:{TOKEN}",  # a named owner: the owner filters run
                   EBB_RATE_LIMIT="100000/minute")
     patch = pytest.MonkeyPatch()
     for key, value in env.items():

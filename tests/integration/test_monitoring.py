@@ -116,7 +116,8 @@ def monitored(redis_url, queue_prefix, start_worker, tmp_path_factory) -> Iterat
 
 @pytest.fixture
 def web(monitored, start_gunicorn):
-    env = {**monitored["stack"].env, "EBB_SECRET_KEY": "monitoring-test", "EBB_RATE_LIMIT": "off"}
+    env = {**monitored["stack"].env, "EBB_SECRET_KEY": "monitoring-test", "EBB_RATE_LIMIT": "off",
+           "EBB_MAX_ITERATIONS": "10000"}  # the long job below runs 5000
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # gunicorn_conf makes its own
     env.pop("EBB_METRICS_PORT", None)
     server = start_gunicorn(env, name="web-mon")

@@ -498,3 +498,61 @@ def _succeeded_ids(machines: TwoMachines) -> list[uuid.UUID]:
 
     with session_scope(machines.database_url) as session:
         return list(session.scalars(select(Job.id).where(Job.status == "succeeded")))
+
+
+def test_delete_and_purge_in_the_object_store_keep_what_a_reused_job_shares(machines, image_bytes, tmp_path):
+    """Issue 15: ``DELETE`` removes a job's objects from the bucket but never
+    those a reused job shares; ``ebb purge`` does the same for expired jobs
+    (``--dry-run`` deletes nothing)."""
+    from datetime import timedelta
+
+    import requests
+    from sqlalchemy import update
+
+    from shared.db.models import Job, utcnow
+    from shared.db.session import session_scope
+
+    web = machines.webs[0]
+    image = other_image(image_bytes, 50)
+    first = wait_job(machines, web.base_url, post(web.base_url, image, FAST).json()["id"])
+    assert first["status"] == "succeeded"
+    again = post(web.base_url, image, FAST, name="again.png").json()
+    assert again["reused_from"] == first["id"]
+    key = machines.job_row(first["id"]).artifacts_key
+    upload = f"uploads/{first['image']['sha256']}"
+    objects = machines.store.keys(key + "/")
+    assert objects and upload in machines.store.keys("uploads/")
+
+    # the original goes; the reused job keeps its artifacts and upload
+    assert requests.delete(f"{web.base_url}/api/v1/jobs/{first['id']}", timeout=30).status_code == 204
+    assert requests.get(f"{web.base_url}/api/v1/jobs/{first['id']}", timeout=30).status_code == 404
+    assert machines.store.keys(key + "/") == objects and upload in machines.store.keys("uploads/")
+    for name, url in again["artifacts"].items():
+        if url:
+            assert requests.get(web.base_url + url, timeout=30).status_code == 200, name
+    assert requests.get(f"{web.base_url}/jobs/{again['id']}/image", timeout=30).content == image
+    # the last user goes: its objects and the upload leave the bucket
+    assert requests.delete(f"{web.base_url}/api/v1/jobs/{again['id']}", timeout=30).status_code == 204
+    assert machines.store.keys(key + "/") == [] and upload not in machines.store.keys("uploads/")
+
+    # ebb purge on the object store
+    old_image = other_image(image_bytes, 51)
+    old = wait_job(machines, web.base_url, post(web.base_url, old_image, FAST).json()["id"])
+    assert old["status"] == "succeeded"
+    old_key, old_upload = machines.job_row(old["id"]).artifacts_key, f"uploads/{old['image']['sha256']}"
+    long_ago = utcnow() - timedelta(days=40)
+    with session_scope(machines.database_url) as session:
+        session.execute(update(Job).where(Job.id == uuid.UUID(old["id"])).values(finished_at=long_ago,
+                                                                                  created_at=long_ago))
+    env = {**os.environ, "DATA_DIR": str(tmp_path / "ops"), "DATABASE_URL": machines.database_url,
+           "REDIS_URL": machines.redis.url(), **machines.store_env()}
+    purge = [sys.executable, "-m", "shared.cli", "purge", "--older-than", "30d"]
+    dry = subprocess.run([*purge, "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.split()[0] == old["id"] and "would delete 1 job(s)" in dry.stdout
+    assert machines.store.keys(old_key + "/") and old_upload in machines.store.keys("uploads/")
+    done = subprocess.run(purge, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "deleted 1 job(s)" in done.stdout
+    assert machines.store.keys(old_key + "/") == [] and old_upload not in machines.store.keys("uploads/")
+    assert requests.get(f"{web.base_url}/api/v1/jobs/{old['id']}", timeout=30).status_code == 404

@@ -155,5 +155,5 @@ def test_retrying_recovers_a_locked_sqlite_write(url, monkeypatch):
 def test_upgrade_shortcut(url):
     from shared.db.migrations import head_revision
 
-    assert head_revision() == "0004"  # the newest file in shared/db/migrations/versions
+    assert head_revision() == "0005"  # the newest file in shared/db/migrations/versions
     assert db_session.upgrade(url) == head_revision()

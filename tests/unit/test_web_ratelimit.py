@@ -157,14 +157,17 @@ def test_forwarded_for_identifies_clients_behind_trusted_proxies(tmp_path, monke
     assert_429(post_job(client, headers={"X-Forwarded-For": "1.1.1.1, 203.0.113.7"}))
 
 
-def test_limit_is_per_api_token(tmp_path, monkeypatch):
-    client = make_app(tmp_path, monkeypatch, EBB_API_TOKENS="tok-one-xxxx,tok-two-yyyy").test_client()
+def test_limit_is_per_owner(tmp_path, monkeypatch):
+    client = make_app(tmp_path, monkeypatch,
+                      EBB_API_TOKENS="one:tok-one-xxxx,two:tok-two-yyyy,one:tok-one-bis").test_client()
     one = {"Authorization": "Bearer tok-one-xxxx"}
     two = {"Authorization": "Bearer tok-two-yyyy"}
     for _ in range(2):
         assert post_job(client, headers=one).status_code == 202
     assert_429(post_job(client, headers=one))
-    assert post_job(client, headers=two).status_code == 202  # same address, other token
+    # another token of the same owner shares the budget
+    assert_429(post_job(client, headers={"Authorization": "Bearer tok-one-bis"}))
+    assert post_job(client, headers=two).status_code == 202  # same address, other owner
 
 
 def test_made_up_tokens_do_not_buy_a_fresh_budget_on_an_open_service(client):
