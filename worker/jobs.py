@@ -163,6 +163,10 @@ def _claim(session: Session, job_id: uuid.UUID, runtime, hostname: str) -> Claim
             heartbeat_at=now,
             worker_hostname=hostname[:255],
             error=None,
+            # every attempt starts from 0: no high point of an earlier one is shown
+            progress_iteration=0,
+            live=None,
+            current_score=None,
         )
     )
     if result.rowcount != 1:
@@ -174,7 +178,7 @@ def _claim(session: Session, job_id: uuid.UUID, runtime, hostname: str) -> Claim
         image_sha256=job.image_sha256,
         config=dict(job.config or {}),
         target_index=job.target_index,
-        progress_floor=job.progress_iteration or 0,
+        progress_floor=0,
         queued_s=(now - as_utc(job.created_at)).total_seconds() if job.created_at else None,
         claimed_perf=now_perf,
         model=job.model,
@@ -562,6 +566,9 @@ def run_job(job_id: str | uuid.UUID, runtime, hostname: str | None = None,
                        f": {claim.error}" if claim.error else "", event=claim.status, job_id=jid,
                        model=claim.model, status=claim.status, error=claim.error)
             return "skipped"
+        hold = getattr(runtime, "hold", None)
+        if hold is not None:
+            hold(claim.job_id, claim.attempt)
         from worker import metrics
 
         metrics.job_started(claim.model or runtime.model_name, claim.queued_s)
@@ -591,6 +598,9 @@ def run_job(job_id: str | uuid.UUID, runtime, hostname: str | None = None,
         return "failed"
     finally:
         if isinstance(claim, Claim):
+            release = getattr(runtime, "release", None)
+            if release is not None:
+                release(claim.job_id)
             # the live preview is for running jobs only (it outlives the optimisation,
             # so the page shows the final mask while the job is being scored)
             PreviewWriter.remove_for(runtime.storage, claim.job_id)
@@ -776,8 +786,12 @@ def _execute(session: Session, claim: Claim, runtime, requeue) -> str:
     cancelled = any(e.cancelled for e in explanations)
 
     if cancelled and not reporter.cancel_requested:
-        # The worker is stopping: hand the job back to the queue.
-        if not _finish(session, claim, status=JobStatus.QUEUED.value, finished_at=None, enqueued_at=utcnow()):
+        # The worker is stopping: hand the job back to the queue. A clean
+        # hand-back is not an attempt (the count goes back down) and the next
+        # attempt starts from 0.
+        if not _finish(session, claim, status=JobStatus.QUEUED.value, finished_at=None, enqueued_at=utcnow(),
+                       heartbeat_at=None, attempts=claim.attempt - 1, progress_iteration=0, live=None,
+                       current_score=None):
             raise Superseded()
         if requeue is not None:
             requeue(claim.job_id, runtime.model_name)

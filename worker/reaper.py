@@ -1,12 +1,16 @@
-"""Recovering jobs whose worker vanished, or whose queue message was lost.
+"""Recovering jobs whose worker vanished.
 
-* A ``running`` job whose heartbeat is older than the timeout lost its worker
-  (killed, machine gone): it is re-queued (the task re-sent) while it has
-  attempts left, else failed with a reason.
-* A ``queued`` job whose message was sent long ago (default 30 min,
-  ``EBB_RESEND_QUEUED_AFTER`` seconds; 0 never) is re-sent:
-  Redis may have restarted and lost it. Duplicates are harmless, the task is
-  idempotent. One queued for more than a day fails ("no worker took it").
+* A ``running`` job whose heartbeat is older than the timeout *and* whose
+  worker is really gone (its fleet record in Redis is missing, or belongs to a
+  newer process of the same name, see :func:`fleet_liveness`) is re-queued
+  (the task re-sent, progress back to 0) while it has attempts left, else
+  failed with a reason. A live worker's jobs are never re-queued: its
+  heartbeat thread (:class:`worker.heartbeat.JobHeartbeat`) keeps them fresh
+  through every phase, so an old job heartbeat alone means nothing.
+* A ``queued`` job whose *message* is missing from its queue is re-sent by
+  :mod:`worker.reconcile`, not here. ``requeue_queued_after_s`` (only
+  ``ebb reap --requeue-queued-after``) still re-sends blindly.
+  One queued for more than a day fails ("no worker took it").
 * A ``queued`` job with ``cancel_requested`` becomes ``cancelled``.
 * Hidden temporary artifact folders older than an hour, left by a worker
   killed while writing, are deleted (:func:`sweep_leftovers`).
@@ -29,7 +33,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -40,11 +44,15 @@ from shared.db.models import Job, JobStatus, utcnow
 
 log = logging.getLogger(__name__)
 
-DEFAULT_REQUEUE_QUEUED_AFTER_S = 30 * 60.0
+#: ``EBB_RESEND_QUEUED_AFTER``'s default (see :mod:`worker.reconcile`).
+DEFAULT_REQUEUE_QUEUED_AFTER_S = 20.0
 DEFAULT_QUEUED_TIMEOUT_S = 24 * 60 * 60.0
 DEFAULT_REAP_INTERVAL_S = 60.0
 
 Send = Callable[[uuid.UUID, str], object]
+#: ``alive(hostname, job_started_at)``: whether the worker that claimed a job
+#: (at ``job_started_at``) still runs.
+Alive = Callable[[str | None, datetime | None], bool]
 
 
 @dataclass
@@ -82,22 +90,28 @@ def reap_stale_jobs(
     heartbeat_timeout_s: float,
     *,
     max_attempts: int = 3,
-    requeue_queued_after_s: float | None = DEFAULT_REQUEUE_QUEUED_AFTER_S,
+    requeue_queued_after_s: float | None = None,
     queued_timeout_s: float | None = DEFAULT_QUEUED_TIMEOUT_S,
     send: Send | None = None,
     now: datetime | None = None,
+    alive: Alive | None = None,
 ) -> ReapReport:
     """One reaper pass over ``session``'s database; commits its changes.
 
     Args:
         heartbeat_timeout_s: a ``running`` job silent for longer is stale.
         max_attempts: a stale job with this many attempts fails instead.
-        requeue_queued_after_s: re-send ``queued`` jobs enqueued longer ago
-            (``None`` disables).
+        requeue_queued_after_s: re-send ``queued`` jobs enqueued longer ago,
+            whether their message is there or not (``None``, the default,
+            disables; :mod:`worker.reconcile` re-sends only lost messages).
         queued_timeout_s: fail ``queued`` jobs created longer ago (``None``
             disables).
         send: ``send(job_id, model)`` enqueues a job (default: Celery by name).
         now: the current time (tests).
+        alive: ``alive(worker_hostname, started_at)`` says whether a stale
+            job's worker still runs; such a job is left alone. ``None``
+            treats every stale job's worker as gone (``ebb reap`` without
+            Redis, tests).
     """
     if heartbeat_timeout_s <= 0:
         raise ValueError(f"heartbeat_timeout_s must be positive, got {heartbeat_timeout_s}")
@@ -109,12 +123,15 @@ def reap_stale_jobs(
 
     cutoff = now - timedelta(seconds=heartbeat_timeout_s)
     stale = session.execute(
-        select(Job.id, Job.model, Job.attempts, Job.heartbeat_at).where(
+        select(Job.id, Job.model, Job.attempts, Job.heartbeat_at, Job.worker_hostname, Job.started_at).where(
             Job.status == running,
             or_(Job.heartbeat_at < cutoff, and_(Job.heartbeat_at.is_(None), Job.started_at < cutoff)),
         )
     ).all()
-    for job_id, model, attempts, beat in stale:
+    for job_id, model, attempts, beat, hostname, started in stale:
+        if alive is not None and alive(hostname, started):
+            log.info("job %s: heartbeat %s is old but its worker %s is alive; left alone", job_id, beat, hostname)
+            continue
         owned = (Job.id == job_id, Job.status == running, Job.attempts == attempts)
         if attempts >= max_attempts:
             done = session.execute(update(Job).where(*owned).values(
@@ -128,7 +145,8 @@ def reap_stale_jobs(
                 report.failed.append(job_id)
             continue
         done = session.execute(update(Job).where(*owned).values(
-            status=queued, enqueued_at=now, heartbeat_at=None)).rowcount
+            status=queued, enqueued_at=now, heartbeat_at=None,
+            progress_iteration=0, live=None, current_score=None)).rowcount
         session.commit()
         if done:
             log.warning("job %s: worker lost (last heartbeat %s); re-queued", job_id, beat)
@@ -181,19 +199,47 @@ def reap_stale_jobs(
 
 
 def resend_queued_after_s(environ: Mapping[str, str] | None = None) -> float | None:
-    """``EBB_RESEND_QUEUED_AFTER``: seconds after which a still-``queued`` job's
-    message is re-sent (default 1800; ``0`` never re-sends)."""
-    env = os.environ if environ is None else environ
-    raw = (env.get("EBB_RESEND_QUEUED_AFTER") or "").strip()
-    if not raw:
-        return DEFAULT_REQUEUE_QUEUED_AFTER_S
+    """``EBB_RESEND_QUEUED_AFTER``: seconds after which a ``queued`` job whose
+    message is missing is re-sent (default 20; ``0`` never re-sends); see
+    :class:`shared.settings.Settings`."""
+    from shared.settings import _interval
+
+    return _interval(os.environ if environ is None else environ, "EBB_RESEND_QUEUED_AFTER",
+                    DEFAULT_REQUEUE_QUEUED_AFTER_S) or None
+
+
+def _parse_iso(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
     try:
-        value = float(raw)
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise ValueError(f"EBB_RESEND_QUEUED_AFTER must be a number of seconds, got {raw!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"EBB_RESEND_QUEUED_AFTER must be 0 or more seconds, got {raw!r}")
-    return value or None
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def fleet_liveness(client, environ: Mapping[str, str] | None = None) -> Alive:
+    """An :data:`Alive` check from the fleet records in Redis, read once now.
+
+    A worker is alive for a job when its record exists and the process that
+    wrote it started before the job was claimed (a worker restarted under the
+    same name does not vouch for its predecessor's jobs). Raises if Redis
+    cannot be read: then nobody is known to be gone.
+    """
+    from shared import fleet
+
+    started = {str(w.get("hostname")): _parse_iso(w.get("started_at")) for w in fleet.list_workers(client, environ)}
+
+    def alive(hostname: str | None, job_started: datetime | None) -> bool:
+        if not hostname or hostname not in started:
+            return False
+        since = started[hostname]
+        if since is None or job_started is None:
+            return True
+        job_started = job_started if job_started.tzinfo else job_started.replace(tzinfo=timezone.utc)
+        return since <= job_started
+
+    return alive
 
 
 #: Hidden folders that artifact writes leave behind only when a worker dies
@@ -238,9 +284,9 @@ class ReaperThread(threading.Thread):
 
     def __init__(self, database_url: str, heartbeat_timeout_s: float, max_attempts: int,
                  interval_s: float = DEFAULT_REAP_INTERVAL_S, send: Send | None = None,
-                 requeue_queued_after_s: float | None = DEFAULT_REQUEUE_QUEUED_AFTER_S,
+                 requeue_queued_after_s: float | None = None,
                  jobs_dir: Path | None = None, retention_days: float | None = None,
-                 storage: object | None = None):
+                 storage: object | None = None, redis_url: str | None = None):
         super().__init__(name="ebb-reaper", daemon=True)
         self.retention_days = retention_days
         self.storage = storage
@@ -251,20 +297,39 @@ class ReaperThread(threading.Thread):
         self.send = send
         self.requeue_queued_after_s = requeue_queued_after_s
         self.jobs_dir = jobs_dir
+        self.redis_url = redis_url
+        self._redis = None
         self._stop_event = threading.Event()
 
     def stop(self) -> None:
         self._stop_event.set()
+
+    def liveness(self) -> Alive | None:
+        """:func:`fleet_liveness` from ``redis_url`` (``None`` without one);
+        when Redis cannot be read, every worker counts as alive."""
+        if self.redis_url is None:
+            return None
+        try:
+            if self._redis is None:
+                import redis
+
+                self._redis = redis.Redis.from_url(self.redis_url, socket_connect_timeout=2.0, socket_timeout=5.0)
+            return fleet_liveness(self._redis)
+        except Exception as exc:  # noqa: BLE001 - unknown fleet: re-queue nothing
+            log.warning("reaper: cannot read the fleet (%s: %s); no running job re-queued this pass",
+                        type(exc).__name__, exc)
+            return lambda _hostname, _started: True
 
     def run(self) -> None:  # pragma: no cover - exercised by integration tests
         from shared.db.session import session_scope
 
         while not self._stop_event.wait(self.interval_s):
             try:
+                alive = self.liveness()
                 with session_scope(self.database_url) as session:
                     reap_stale_jobs(session, self.heartbeat_timeout_s,
                                     max_attempts=self.max_attempts, send=self.send,
-                                    requeue_queued_after_s=self.requeue_queued_after_s)
+                                    requeue_queued_after_s=self.requeue_queued_after_s, alive=alive)
                 if self.jobs_dir is not None:
                     sweep_leftovers(self.jobs_dir)
                 if self.retention_days and self.storage is not None:

@@ -145,6 +145,25 @@ class Runtime:
     engine: "BatchEngine | None" = None
     #: Compute the Grad-CAM baseline next to every mask (``EBB_GRADCAM``).
     gradcam: bool = True
+    #: ``{job id: attempt}`` of the jobs this process runs now (claimed and
+    #: not yet ended): :class:`worker.heartbeat.JobHeartbeat` keeps them alive.
+    held: dict = field(default_factory=dict)
+    _held_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def hold(self, job_id: Any, attempt: int) -> None:
+        """Register a claimed job (its heartbeat is kept from now on)."""
+        with self._held_lock:
+            self.held[job_id] = attempt
+
+    def release(self, job_id: Any) -> None:
+        """The job ended here (finished, handed back or superseded)."""
+        with self._held_lock:
+            self.held.pop(job_id, None)
+
+    def held_jobs(self) -> dict:
+        """A copy of :attr:`held`."""
+        with self._held_lock:
+            return dict(self.held)
 
     @property
     def database_url(self) -> str:

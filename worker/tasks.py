@@ -38,6 +38,11 @@ from worker.celery_app import TASK_EXPLAIN, celery_app, send_explain
 
 log = logging.getLogger(__name__)
 
+# ``--pool threads`` selects worker.pool.ThreadPool: SIGQUIT hands running jobs back cleanly.
+from worker.pool import install as _install_pool  # noqa: E402
+
+_install_pool()
+
 
 class JobFailed(Exception):
     """Raised by the task after its job was failed in the database, so that
@@ -47,6 +52,8 @@ class JobFailed(Exception):
 
 _reaper = None
 _heartbeat = None
+_job_heartbeat = None
+_reconciler = None
 _prefork = False
 
 
@@ -62,12 +69,13 @@ def _requeue(job_id: uuid.UUID, model: str) -> None:
 
 
 def start_worker_process(hostname: str | None = None) -> None:
-    """Migrate the database, load the model, start the reaper and the fleet
-    heartbeat (as ``hostname``, the Celery node name); exit on failure."""
-    global _reaper, _heartbeat
+    """Migrate the database, load the model, start the reaper, the queue
+    reconciler, the job heartbeats and the fleet heartbeat (as ``hostname``,
+    the Celery node name); exit on failure."""
+    global _reaper, _heartbeat, _job_heartbeat, _reconciler
     from shared import settings as settings_mod
     from shared.db.migrations import upgrade_database
-    from worker.reaper import DEFAULT_REAP_INTERVAL_S, ReaperThread, resend_queued_after_s
+    from worker.reaper import DEFAULT_REAP_INTERVAL_S, ReaperThread
     from worker.runtime import load_runtime
 
     if not logging.getLogger().handlers:
@@ -94,15 +102,22 @@ def start_worker_process(hostname: str | None = None) -> None:
         if interval > 0:
             _reaper = ReaperThread(settings.database_url, runtime.heartbeat_timeout_s,
                                    runtime.max_attempts, interval_s=interval, send=_requeue,
-                                   requeue_queued_after_s=resend_queued_after_s(),
                                    jobs_dir=getattr(runtime.storage, "jobs_dir", None),
-                                   retention_days=settings.retention_days, storage=runtime.storage)
+                                   retention_days=settings.retention_days, storage=runtime.storage,
+                                   redis_url=settings.redis_url)
             _reaper.start()
-            if runtime.storage.kind != "file":
-                from worker.store_sweep import StoreSweeper
+    if _reconciler is None and settings.reconcile_interval_s > 0 and settings.resend_queued_after_s:
+        from worker.reconcile import ReconcileThread
 
-                StoreSweeper(runtime.storage, settings.database_url, settings.store_sweep_age_s,
-                             interval_s=interval).start()
+        _reconciler = ReconcileThread(settings.database_url, settings.redis_url, settings.reconcile_interval_s,
+                                      settings.resend_queued_after_s, send=_requeue)
+        _reconciler.start()
+    if _job_heartbeat is None:
+        from shared import fleet
+        from worker.heartbeat import JobHeartbeat, job_heartbeat_interval
+
+        _job_heartbeat = JobHeartbeat(runtime, job_heartbeat_interval(runtime.heartbeat_timeout_s,
+                                                                      fleet.interval_s())).start()
     if _heartbeat is None:
         from shared import fleet
         from worker.heartbeat import FleetHeartbeat
@@ -153,6 +168,10 @@ def _on_worker_shutting_down(**_kwargs) -> None:
         runtime_mod._runtime.stopping.set()
     if _reaper is not None:
         _reaper.stop()
+    if _reconciler is not None:
+        _reconciler.stop()
+    # The job heartbeats go on until the process ends: the jobs still running
+    # stop at their next step and are handed back meanwhile.
     if _heartbeat is not None:
         _heartbeat.stop()
 

@@ -59,7 +59,10 @@ def test_embedded_redis_starts_and_stops(tmp_path):
     try:
         import redis
 
-        assert redis.Redis.from_url(url).ping()
+        client = redis.Redis.from_url(url)
+        assert client.ping()
+        assert client.config_get("appendonly") == {"appendonly": "yes"}  # a restart keeps the queue
+        assert (tmp_path / "redis").is_dir()
     finally:
         stop_process(proc, "redis-server", timeout=5)
     port = int(url.rsplit(":", 1)[1].split("/")[0])
@@ -141,7 +144,8 @@ def test_ebb_reap_command(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert "requeued 0, failed 0, resent 0, cancelled 0, removed 1 leftover artifact folder(s)" in result.stdout
+    assert "requeued 0, failed 0, resent 0, cancelled 0;" in result.stdout
+    assert "0 lost message(s) re-sent; removed 1 leftover artifact folder(s)" in result.stdout
     assert not leftover.exists()
 
 

@@ -190,7 +190,7 @@ def test_running_job_with_fresh_heartbeat_is_not_run_twice(runtime):
     assert get(runtime, job_id).attempts == 1
 
 
-def test_stale_running_job_is_taken_over_and_progress_never_goes_back(runtime):
+def test_stale_running_job_is_taken_over_and_its_progress_restarts_at_zero(runtime):
     old = utcnow() - timedelta(hours=1)
     job_id = add_job(runtime, status="running", attempts=1, started_at=old, heartbeat_at=old,
                      progress_iteration=4)
@@ -209,8 +209,10 @@ def test_stale_running_job_is_taken_over_and_progress_never_goes_back(runtime):
 
     runtime.optimise_many = optimise
     assert run_job(job_id, runtime) == "succeeded"
-    assert min(seen) >= 4 and seen == sorted(seen)
+    # the new attempt counts from 0, not from the old attempt's high point (issue 10)
+    assert seen[0] < 4 and seen == sorted(seen)
     assert get(runtime, job_id).attempts == 2
+    assert runtime.held_jobs() == {}  # released once done
 
 
 def test_attempts_exhausted(runtime):
@@ -262,7 +264,29 @@ def test_worker_shutdown_requeues_the_running_job(runtime, monkeypatch):
     assert run_job(job_id, runtime, requeue=lambda jid, model: requeued.append((jid, model))) == "requeued"
     assert requeued == [(job_id, "tiny")]
     job = get(runtime, job_id)
-    assert job.status == "queued" and job.finished_at is None and job.progress_iteration == 2
+    # a clean hand-back is not an attempt and the next one starts from 0 (issue 10)
+    assert job.status == "queued" and job.finished_at is None
+    assert (job.attempts, job.progress_iteration, job.live, job.heartbeat_at) == (0, 0, None, None)
+    assert runtime.held_jobs() == {}
+
+
+def test_a_running_job_is_held_for_the_heartbeat_thread(runtime):
+    from worker.heartbeat import bump_job_heartbeats
+
+    job_id = add_job(runtime)
+    original = runtime.optimise_many
+    held = []
+
+    def optimise(pixels, targets, config, on_steps):
+        held.append(runtime.held_jobs())
+        set_values(runtime, job_id, heartbeat_at=utcnow() - timedelta(hours=1))
+        assert bump_job_heartbeats(runtime.database_url, runtime.held_jobs()) == 1
+        assert bump_job_heartbeats(runtime.database_url, {job_id: 99}) == 0  # another attempt's: untouched
+        return original(pixels, targets, config, on_steps)
+
+    runtime.optimise_many = optimise
+    assert run_job(job_id, runtime) == "succeeded"
+    assert held == [{job_id: 1}] and runtime.held_jobs() == {}
 
 
 def test_concurrent_jobs_share_one_model(runtime):

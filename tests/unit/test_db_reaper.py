@@ -165,3 +165,84 @@ def test_sweep_removes_only_old_leftover_folders(tmp_path):
     assert sorted(p.name for p in removed) == [".a.tmp-x1", ".b.old-y2"]
     assert sorted(p.name for p in jobs.iterdir()) == [".c.tmp-z3", "d"]  # in-progress and real kept
     assert sweep_leftovers(tmp_path / "missing") == []
+
+
+# --------------------------------------------------------------------------- issue 10: only when the worker is gone
+
+
+def test_stale_job_of_a_live_worker_is_left_alone(url):
+    old = utcnow() - timedelta(seconds=300)
+    job_id = add(url, status="running", attempts=1, started_at=old, heartbeat_at=old, worker_hostname="w@box")
+    asked = []
+
+    def alive(hostname, started):
+        asked.append((hostname, started is not None))
+        return hostname == "w@box"
+
+    report, sent = reap(url, alive=alive)
+    assert not report and sent == [] and asked == [("w@box", True)]
+    assert get(url, job_id).status == "running"
+    report, sent = reap(url, alive=lambda hostname, started: False)  # now it is gone
+    assert report.requeued == [job_id] and sent == [(job_id, "m")]
+
+
+def test_requeued_job_restarts_its_progress_at_zero(url):
+    old = utcnow() - timedelta(seconds=300)
+    job_id = add(url, status="running", attempts=1, started_at=old, heartbeat_at=old, progress_iteration=7,
+                 current_score=0.4, live=[{"iteration": 7}])
+    reap(url)
+    job = get(url, job_id)
+    assert (job.status, job.progress_iteration, job.current_score, job.live) == ("queued", 0, None, None)
+
+
+def test_fleet_liveness_reads_the_records_and_spots_a_restarted_namesake():
+    import json
+    from datetime import datetime, timezone
+
+    from worker.reaper import fleet_liveness
+
+    started = datetime(2026, 12, 1, 10, 0, 0, tzinfo=timezone.utc)
+
+    class Records:  # the two calls fleet.list_workers makes, over a fixed set of records
+        data = {"explain-workers:w@box": json.dumps({"hostname": "w@box", "model": "m",
+                                                     "started_at": "2026-12-01T10:00:00Z"})}
+
+        def scan_iter(self, match, count):
+            return [k for k in self.data if k.startswith(match.rstrip("*"))]
+
+        def mget(self, keys):
+            return [self.data[k] for k in keys]
+
+    alive = fleet_liveness(Records(), {})
+    assert alive("w@box", started + timedelta(minutes=1))  # claimed by this process
+    assert not alive("w@box", started - timedelta(minutes=1))  # claimed by the process before it
+    assert alive("w@box", None)
+    assert not alive("gone@box", started + timedelta(minutes=1))
+    assert not alive(None, None)
+
+
+def test_reconcile_settings_come_from_the_environment():
+    from shared import settings
+
+    s = settings.load({})
+    assert (s.reconcile_interval_s, s.resend_queued_after_s, s.test_slow_scoring_s) == (15.0, 20.0, 0.0)
+    s = settings.load({"EBB_RECONCILE_INTERVAL": "2.5", "EBB_RESEND_QUEUED_AFTER": "0"})
+    assert (s.reconcile_interval_s, s.resend_queued_after_s) == (2.5, None)
+    for name in ("EBB_RECONCILE_INTERVAL", "EBB_RESEND_QUEUED_AFTER"):
+        for bad in ("soon", "-1", "inf"):
+            with pytest.raises(ValueError, match=name):
+                settings.load({name: bad})
+
+
+def test_message_job_id_reads_queue_and_unacked_entries():
+    import json
+
+    from worker.reconcile import message_job_id, queue_keys
+
+    message = {"headers": {"id": "abc"}, "properties": {"correlation_id": "abc"}, "body": ""}
+    assert message_job_id(json.dumps(message)) == "abc"
+    assert message_job_id(json.dumps([message, "", "q"])) == "abc"  # an ``unacked`` entry
+    assert message_job_id(json.dumps({"properties": {"correlation_id": "x"}})) == "x"
+    assert message_job_id(b"not json") is None and message_job_id(json.dumps({"headers": {}})) is None
+    assert queue_keys("vgg19", {"EBB_QUEUE_PREFIX": "p"}) == ["p.vgg19", "p.vgg19\x06\x163", "p.vgg19\x06\x166",
+                                                             "p.vgg19\x06\x169"]
