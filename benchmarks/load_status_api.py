@@ -164,7 +164,7 @@ def main() -> int:
             "DATA_DIR": str(work / "data"), "DATABASE_URL": database_url,
             "REDIS_URL": REDIS_URL, "EBB_MODEL": MODEL, "EBB_MODELS": MODEL,
             "EBB_QUEUE_PREFIX": prefix, "EBB_SECRET_KEY": "bench", "EBB_API_TOKENS": TOKEN,
-            "EBB_RATE_LIMIT": "off", "EBB_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": "",
+            "EBB_RATE_LIMIT": "off", "EBB_MAX_QUEUED_PER_OWNER": "1000000", "EBB_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": "",
             "EBB_MAX_BATCH": "4", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
         }
         for i in (1, 2):

@@ -403,6 +403,17 @@ def image_bytes() -> bytes:
     return buf.getvalue()
 
 
+def noise_png(width: int = 56, height: int = 40, seed: int = 0) -> bytes:
+    """A PNG of uniform noise, ``height`` × ``width`` × 3, different for every ``seed``."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = (np.random.RandomState(seed).rand(height, width, 3) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 # --------------------------------------------------------------------------- private servers
 #
 # Used by the fault-injection tests (``test_faults.py``), which restart or kill

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import build_stack, wait_for
+from .conftest import build_stack, noise_png, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.realmodel, pytest.mark.timeout(600)]
 
@@ -39,14 +39,6 @@ def client(stack, monkeypatch):
 def _post(client, image: bytes, filename: str = "x.png", **form: str):
     data = {**form, "image": (io.BytesIO(image), filename)}
     return client.post("/api/v1/jobs", data=data, content_type="multipart/form-data")
-
-
-def _png(width: int, height: int, seed: int = 0) -> bytes:
-    rs = np.random.RandomState(seed)
-    pixels = (rs.rand(height, width, 3) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _photo_jpeg(width: int, height: int) -> bytes:
@@ -88,7 +80,7 @@ def _counts(stack) -> tuple[int, int]:
 
 def test_the_issues_oversized_request_is_refused_and_nothing_stored(stack, client):
     before = _counts(stack)
-    response = _post(client, _png(64, 48), **ISSUE_FORM)
+    response = _post(client, noise_png(64, 48), **ISSUE_FORM)
     assert response.status_code == 400, response.get_json()
     error = response.get_json()["error"]
     assert error["code"] == "too_expensive"
@@ -99,7 +91,7 @@ def test_the_issues_oversized_request_is_refused_and_nothing_stored(stack, clien
 
 def test_work_over_the_limit_names_iterations(stack, client):
     form = {**FAST_FORM, "iterations": "10000", "top_k": "5", "method": "extremal", "areas": "0.1,0.2,0.3"}
-    response = _post(client, _png(64, 48), **form)
+    response = _post(client, noise_png(64, 48), **form)
     assert response.status_code == 400
     error = response.get_json()["error"]
     assert (error["code"], error["field"]) == ("too_expensive", "iterations")
@@ -120,7 +112,7 @@ def test_a_40_megapixel_png_header_is_refused_before_decoding(stack, client):
 
 
 def test_a_5000_digit_target_is_a_clean_400(stack, client):
-    response = _post(client, _png(64, 48), target="9" * 5000, **FAST_FORM)
+    response = _post(client, noise_png(64, 48), target="9" * 5000, **FAST_FORM)
     assert response.status_code == 400
     error = response.get_json()["error"]
     assert error["field"] == "target" and error["code"] == "invalid_target"
@@ -131,7 +123,7 @@ def test_a_5000_digit_target_is_a_clean_400(stack, client):
 def test_the_worker_checks_the_cost_again(stack):
     """A job over the worker's limits (queued behind the web's back) fails
     with a clear message before it starts optimising."""
-    job_id = stack.submit(_png(64, 48), config={"iterations": 10000, "method": "extremal",
+    job_id = stack.submit(noise_png(64, 48), config={"iterations": 10000, "method": "extremal",
                                                  "areas": [0.1, 0.2, 0.3, 0.4, 0.5]}, top_k=5)
     job = stack.wait(job_id)
     assert job.status == "failed"
@@ -209,7 +201,7 @@ def slow_stack(stack, start_worker):
 
 
 def test_cancel_during_scoring_ends_cancelled(slow_stack):
-    job_id = slow_stack.submit(_png(80, 60))
+    job_id = slow_stack.submit(noise_png(80, 60))
     # the last optimisation step has been written: the worker is now scoring (4 s sleep first)
     wait_for(lambda: (j := slow_stack.job(job_id)).status == "running"
              and j.progress_iteration >= j.progress_total, 120, what="the job to reach scoring")
@@ -220,9 +212,9 @@ def test_cancel_during_scoring_ends_cancelled(slow_stack):
 
 
 def test_job_over_its_time_budget_fails_alone_and_its_batch_mate_succeeds(slow_stack):
-    long_id = slow_stack.submit(_png(80, 60, seed=1), config={"iterations": 10000})
+    long_id = slow_stack.submit(noise_png(80, 60, seed=1), config={"iterations": 10000})
     wait_for(lambda: slow_stack.job(long_id).status == "running", 60, what="the long job to start")
-    mate_id = slow_stack.submit(_png(80, 60, seed=2))
+    mate_id = slow_stack.submit(noise_png(80, 60, seed=2))
     mate = slow_stack.wait(mate_id, timeout=120)
     assert mate.status == "succeeded", mate.error
     assert slow_stack.job(long_id).status == "running"  # the batch-mate's finish left it alone

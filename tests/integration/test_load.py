@@ -144,7 +144,8 @@ def test_500_concurrent_jobs_all_succeed_exactly_once(fresh_postgres_url, tmp_pa
     upgrade_database(fresh_postgres_url)  # once, before gunicorn's workers start in parallel
     env = worker_env(database_url=fresh_postgres_url, redis_url=REDIS_URL, data_dir=data_dir,
                      queue_prefix=prefix, EBB_MAX_BATCH="4", EBB_SECRET_KEY="load-test",
-                     EBB_RATE_LIMIT="off", EBB_REUSE="0")  # every job runs (images repeat)
+                     EBB_RATE_LIMIT="off", EBB_REUSE="0",  # every job runs (images repeat)
+                     EBB_MAX_QUEUED_PER_OWNER=str(JOBS))  # one client queues them all at once
     env.pop("EBB_API_TOKENS", None)
 
     started = time.monotonic()

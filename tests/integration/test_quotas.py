@@ -18,24 +18,15 @@ from __future__ import annotations
 import io
 import uuid
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from web.testing import delete_keys
 
-from .conftest import wait_for
+from .conftest import noise_png, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 FAST = {"iterations": "12", "input_size": "96", "mask_size": "8"}
-
-
-def _png(seed: int) -> bytes:
-    pixels = (np.random.RandomState(seed).rand(40, 56, 3) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _client(stack, monkeypatch, prefix: str | None = None, **env):
@@ -47,7 +38,7 @@ def _client(stack, monkeypatch, prefix: str | None = None, **env):
 
 
 def _post(client, image: bytes | None = None, **form: str):
-    data = {**FAST, **form, "image": (io.BytesIO(image or _png(0)), "x.png")}
+    data = {**FAST, **form, "image": (io.BytesIO(image or noise_png(seed=0)), "x.png")}
     return client.post("/api/v1/jobs", data=data, content_type="multipart/form-data")
 
 
@@ -67,10 +58,10 @@ def test_queued_cap_refuses_exactly_past_the_limit(stack, monkeypatch):
     try:
         for seed in range(3):
             _bad_requests(client)
-            response = _post(client, _png(seed))
+            response = _post(client, noise_png(seed=seed))
             assert response.status_code == 202, response.get_json()
             accepted.append(response.get_json()["id"])
-        refused = _post(client, _png(9))
+        refused = _post(client, noise_png(seed=9))
         assert refused.status_code == 429
         assert int(refused.headers["Retry-After"]) >= 1
         error = refused.get_json()["error"]
@@ -83,7 +74,7 @@ def test_queued_cap_refuses_exactly_past_the_limit(stack, monkeypatch):
         assert job["usage"]["active_jobs"] == base + 3
         # a cancelled job frees its place
         assert client.post(f"/api/v1/jobs/{accepted[0]}/cancel").status_code == 200
-        again = _post(client, _png(10))
+        again = _post(client, noise_png(seed=10))
         assert again.status_code == 202
         accepted.append(again.get_json()["id"])
     finally:
@@ -99,11 +90,11 @@ def test_work_budget_429_at_exactly_the_budget_and_bad_requests_spend_nothing(st
     ids = []
     for seed in range(5):
         _bad_requests(client)
-        response = _post(client, _png(20 + seed))
+        response = _post(client, noise_png(seed=20 + seed))
         assert response.status_code == 202, response.get_json()
         ids.append(response.get_json()["id"])
     _bad_requests(client)
-    refused = _post(client, _png(30))
+    refused = _post(client, noise_png(seed=30))
     assert refused.status_code == 429
     error = refused.get_json()["error"]
     assert error["code"] == "work_budget_exceeded"
@@ -118,10 +109,10 @@ def test_work_budget_429_at_exactly_the_budget_and_bad_requests_spend_nothing(st
     usage = client.get("/api/v1/usage").get_json()
     assert (usage["work_last_hour"], usage["work_budget"], usage["work_left"]) == (budget, budget, 0)
     assert done["usage"] == usage
-    assert _post(client, _png(31)).status_code == 429
+    assert _post(client, noise_png(seed=31)).status_code == 429
     # a larger budget admits the next job: the refusals before were not recorded
     roomier = _client(stack, monkeypatch, EBB_WORK_BUDGET=str(budget + 12))
-    last = _post(roomier, _png(32))
+    last = _post(roomier, noise_png(seed=32))
     assert last.status_code == 202
     ids.append(last.get_json()["id"])
     wait_for(lambda: client.get(f"/api/v1/jobs/{ids[-1]}").get_json()["status"] == "succeeded", 180, 0.2,
@@ -145,7 +136,7 @@ def test_quotas_are_per_owner_and_delete_is_for_the_owner_or_an_admin(stack, mon
         return {"Authorization": f"Bearer {token}"}
 
     def post(token: str, seed: int):
-        data = {**FAST, "image": (io.BytesIO(_png(seed)), "x.png")}
+        data = {**FAST, "image": (io.BytesIO(noise_png(seed=seed)), "x.png")}
         return client.post("/api/v1/jobs", data=data, content_type="multipart/form-data", headers=as_(token))
 
     try:

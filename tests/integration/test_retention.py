@@ -19,22 +19,13 @@ import sys
 import uuid
 from datetime import timedelta
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from .conftest import REPO_ROOT, build_stack, wait_for
+from .conftest import REPO_ROOT, build_stack, noise_png, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 FAST = {"iterations": "12", "input_size": "96", "mask_size": "8"}
-
-
-def _png(seed: int) -> bytes:
-    pixels = (np.random.RandomState(seed).rand(40, 56, 3) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _app(stack, monkeypatch, **env):
@@ -82,7 +73,7 @@ def _ids(stack) -> set[str]:
 
 
 def test_delete_removes_only_what_no_other_job_uses(stack, client):
-    shared_image, own_image = _png(1), _png(2)
+    shared_image, own_image = noise_png(seed=1), noise_png(seed=2)
     a, b = _submit(client, shared_image), _submit(client, shared_image, seed="3")
     c = _submit(client, own_image)
     for job in (a, b, c):
@@ -112,14 +103,14 @@ def test_delete_removes_only_what_no_other_job_uses(stack, client):
 
 
 def test_delete_of_a_running_job_cancels_it_first_and_leaves_no_files(stack, client):
-    job = _submit(client, _png(4), iterations="2000")
+    job = _submit(client, noise_png(seed=4), iterations="2000")
     wait_for(lambda: client.get(f"/api/v1/jobs/{job['id']}").get_json()["progress"]["iteration"] > 0,
              180, 0.2, what="the long job to run")
     response = client.delete(f"/api/v1/jobs/{job['id']}")
     assert response.status_code == 204, response.get_json()
     assert job["id"] not in _ids(stack)
     # the worker has moved on: a later job runs to the end on the same worker
-    later = _submit(client, _png(5))
+    later = _submit(client, noise_png(seed=5))
     assert _wait(client, later["id"])["status"] == "succeeded"
     assert not stack.storage.job_dir(job["id"]).exists()
     assert not stack.storage.preview_path(job["id"]).exists()
@@ -136,9 +127,9 @@ def _purge(stack, *args: str) -> subprocess.CompletedProcess:
 def test_purge_deletes_exactly_the_expired_jobs_and_dry_run_nothing(stack, client):
     from shared.db.models import utcnow
 
-    shared_image = _png(6)
+    shared_image = noise_png(seed=6)
     old = _submit(client, shared_image)            # expired; its upload is shared with `recent`
-    old_alone = _submit(client, _png(7))           # expired; its upload is its own
+    old_alone = _submit(client, noise_png(seed=7))           # expired; its upload is its own
     recent = _submit(client, shared_image, seed="9")
     for job in (old, old_alone, recent):
         assert _wait(client, job["id"])["status"] == "succeeded"
@@ -181,7 +172,7 @@ def test_a_worker_with_retention_days_deletes_expired_jobs(stack, start_worker, 
     for name, status, when in (("expired", "succeeded", long_ago), ("expired_failed", "failed", long_ago),
                                ("young", "succeeded", utcnow() - timedelta(days=29)),
                                ("old_but_queued", "queued", long_ago)):
-        image = _png(100 + len(rows))
+        image = noise_png(seed=100 + len(rows))
         sha = storage.save_upload(image)
         job_id = uuid.uuid4()
         folder = storage.job_dir(job_id)
