@@ -354,3 +354,34 @@ def test_workers_page_shows_the_live_worker_and_refreshes_itself(e2e_stack, page
     assert page.locator(f'tr[data-hostname^="e2e-{e2e_stack.queue_prefix}@"]').count() == 1
     page.screenshot(path=str(shots / "screenshot-workers.png"), full_page=True)
     assert not _csp_problems(page), page.console_messages
+
+
+def test_delete_button_asks_first_then_deletes_the_job(e2e_stack, page, flute_image):
+    page.goto(e2e_stack.base_url + "/")
+    page.set_input_files("#image", str(flute_image))
+    page.fill("#iterations", "3")
+    page.click("#submit")
+    page.wait_for_url(re.compile(r".*/jobs/[0-9a-f-]{36}$"))
+    job_id = page.url.rsplit("/", 1)[1]
+    assert _wait_status(page, job_id, e2e_stack) == "succeeded"
+    page.reload()
+
+    questions: list[str] = []
+
+    def answer(dialog, accept: bool) -> None:
+        questions.append(dialog.message)
+        dialog.accept() if accept else dialog.dismiss()
+
+    page.once("dialog", lambda dialog: answer(dialog, accept=False))
+    page.click("#delete")
+    page.wait_for_timeout(300)
+    assert questions and questions[0].startswith("Delete this job")
+    assert page.url.endswith(job_id)  # dismissed: nothing sent
+    assert page.request.get(f"{e2e_stack.base_url}/api/v1/jobs/{job_id}").status == 200
+
+    page.once("dialog", lambda dialog: answer(dialog, accept=True))
+    page.click("#delete")
+    page.wait_for_url(re.compile(r".*/jobs$"))
+    assert "deleted" in page.content()
+    assert page.request.get(f"{e2e_stack.base_url}/api/v1/jobs/{job_id}").status == 404
+    assert _csp_problems(page) == []

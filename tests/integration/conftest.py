@@ -414,6 +414,41 @@ def noise_png(width: int = 56, height: int = 40, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
+@pytest.fixture
+def spawn(start_worker) -> Iterator[Callable[..., Stack]]:
+    """Start workers for one test (in parallel with ``wait=False``); all killed when it ends.
+
+    Every job runs (``EBB_REUSE=0`` unless given): the fault and recovery tests
+    submit identical jobs on purpose. Request it *after* the Redis / PostgreSQL
+    fixtures so that the workers stop before the servers they use.
+    """
+    mine: list[Stack] = []
+
+    def spawn(name: str, wait: bool = True, **kwargs: Any) -> Stack:
+        kwargs.setdefault("EBB_REUSE", "0")
+        stack = build_stack(start_worker, name=name, wait=False, **kwargs)
+        mine.append(stack)
+        if wait:
+            stack.worker.wait_ready()
+        return stack
+
+    yield spawn
+    for stack in mine:  # the test is over: no need to wait for a warm shutdown
+        if stack.worker.proc is not None and stack.worker.proc.poll() is None:
+            try:
+                os.killpg(stack.worker.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for stack in mine:
+        stack.worker.stop()
+
+
+def node(stack: Stack) -> str:
+    """The worker's Celery node name up to ``@`` (what ``jobs.worker_hostname`` starts with)."""
+    args = stack.worker.args
+    return args[args.index("--hostname") + 1].split("@")[0] + "@"
+
+
 # --------------------------------------------------------------------------- private servers
 #
 # Used by the fault-injection tests (``test_faults.py``), which restart or kill

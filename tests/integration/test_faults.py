@@ -26,11 +26,11 @@ import signal
 import time
 import uuid
 from datetime import timedelta
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
-from .conftest import TEST_MODEL, Stack, build_stack, wait_for
+from .conftest import TEST_MODEL, Stack, node, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.realmodel, pytest.mark.timeout(300)]
 
@@ -42,39 +42,6 @@ SHORT = {"iterations": 10, "input_size": 64, "mask_size": 8}
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-def spawn(start_worker) -> Iterator[Callable[..., Stack]]:
-    """Start workers for one test (in parallel with ``wait=False``); all stopped when it ends.
-
-    Request it *after* the Redis / PostgreSQL fixtures so that the workers
-    stop before the servers they use.
-    """
-    mine: list[Stack] = []
-
-    def spawn(name: str, wait: bool = True, **kwargs: Any) -> Stack:
-        stack = build_stack(start_worker, name=name, wait=False, **kwargs)
-        mine.append(stack)
-        if wait:
-            stack.worker.wait_ready()
-        return stack
-
-    yield spawn
-    for stack in mine:  # the test is over: no need to wait for a warm shutdown
-        if stack.worker.proc is not None and stack.worker.proc.poll() is None:
-            try:
-                os.killpg(stack.worker.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    for stack in mine:
-        stack.worker.stop()
-
-
-def node(stack: Stack) -> str:
-    """The worker's Celery node name up to ``@`` (what ``jobs.worker_hostname`` starts with)."""
-    args = stack.worker.args
-    return args[args.index("--hostname") + 1].split("@")[0] + "@"
 
 
 def running_with_progress(stack: Stack, job_id: uuid.UUID, timeout: float = 90.0):

@@ -25,11 +25,10 @@ import signal
 import time
 import uuid
 from datetime import timedelta
-from typing import Any, Callable, Iterator
 
 import pytest
 
-from .conftest import TEST_MODEL, Stack, build_stack, wait_for
+from .conftest import TEST_MODEL, Stack, node, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.realmodel, pytest.mark.timeout(400)]
 
@@ -50,35 +49,6 @@ def own_database(request, tmp_path) -> str:
         url = request.getfixturevalue("fresh_postgres_url")
     upgrade_database(url)
     return url
-
-
-@pytest.fixture
-def spawn(start_worker) -> Iterator[Callable[..., Stack]]:
-    """Start workers for one test; all killed when it ends (request after the Redis fixture)."""
-    mine: list[Stack] = []
-
-    def spawn(name: str, wait: bool = True, **kwargs: Any) -> Stack:
-        kwargs.setdefault("EBB_REUSE", "0")  # every job runs (identical submissions are the point here)
-        stack = build_stack(start_worker, name=name, wait=False, **kwargs)
-        mine.append(stack)
-        if wait:
-            stack.worker.wait_ready()
-        return stack
-
-    yield spawn
-    for stack in mine:
-        if stack.worker.proc is not None and stack.worker.proc.poll() is None:
-            try:
-                os.killpg(stack.worker.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    for stack in mine:
-        stack.worker.stop()
-
-
-def node(stack: Stack) -> str:
-    args = stack.worker.args
-    return args[args.index("--hostname") + 1].split("@")[0] + "@"
 
 
 def queued_ids(redis, queue: str) -> list[str]:
