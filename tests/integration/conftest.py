@@ -242,6 +242,10 @@ def worker_env(*, database_url: str, redis_url: str, data_dir: Path, queue_prefi
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
         EBB_REAP_INTERVAL="5",
+        # The shared stack serves many tests in a row from one client: the
+        # request-rate limit and the per-owner queue cap have tests of their own.
+        EBB_RATE_LIMIT="off",
+        EBB_MAX_QUEUED_PER_OWNER="1000",
     )
     env.update(extra)
     return env

@@ -70,7 +70,7 @@ def test_job_round_trip_keeps_uuid_json_and_timezones(database_url):
 def test_migration_0002_keeps_existing_jobs(tmp_path, backend, request):
     """A database holding jobs from before several targets and results
     (revision 0001) upgrades in place: rows kept, the new columns empty."""
-    from shared.db.migrations import upgrade_database
+    from shared.db.migrations import head_revision, upgrade_database
     from shared.db.models import Job
     from shared.db.session import session_scope
 
@@ -89,8 +89,10 @@ def test_migration_0002_keeps_existing_jobs(tmp_path, backend, request):
             {"id": job_id.hex if backend == "sqlite" else str(job_id), "sha": "0" * 64,
              "now": "2026-01-01 00:00:00"})
     engine.dispose()
-    assert upgrade_database(url, force=True) == "0003"
+    assert upgrade_database(url, force=True) == head_revision()
     with session_scope(url) as session:
         job = session.get(Job, job_id)
         assert job is not None and job.status == "succeeded" and job.progress_total == 5
         assert job.results is None and job.targets is None and job.top_k is None and job.live is None
+        assert job.artifacts_key is None and job.reused_from is None  # 0004
+        assert job.owner == "default"  # 0005
