@@ -92,7 +92,33 @@ def job_counts(database_url: str, hostname: str, since: datetime) -> tuple[int, 
     return int(running or 0), int(done or 0)
 
 
-class FleetHeartbeat:
+class _Beater:
+    """A daemon thread that calls ``_loop`` until :meth:`stop` (shared by the heartbeats)."""
+
+    thread_name = "ebb-heartbeat"
+    interval: float
+
+    def _init_thread(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _loop(self) -> None:  # pragma: no cover - defined by each heartbeat
+        raise NotImplementedError
+
+    def start(self):
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+            self._thread.start()
+        return self
+
+    def _join(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.interval + 5)
+            self._thread = None
+
+
+class FleetHeartbeat(_Beater):
     """Publishes this worker's :class:`shared.fleet.WorkerInfo` from a daemon thread.
 
     Args:
@@ -103,6 +129,8 @@ class FleetHeartbeat:
         interval: seconds between heartbeats.
         environ: for the key prefix (``EBB_QUEUE_PREFIX``).
     """
+
+    thread_name = "ebb-fleet-heartbeat"
 
     def __init__(self, runtime: Any, hostname: str, redis_url: str, interval: float,
                  environ: Mapping[str, str] | None = None):
@@ -117,8 +145,7 @@ class FleetHeartbeat:
         self.meter = RateMeter()
         self.device = device_name(runtime.device)
         self.version = package_version()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._init_thread()
 
     def info(self) -> dict[str, Any]:
         """The record to publish now (without ``last_seen``)."""
@@ -152,18 +179,9 @@ class FleetHeartbeat:
                 log.warning("fleet heartbeat failed: %s: %s", type(exc).__name__, exc)
             self._stop.wait(self.interval)
 
-    def start(self) -> "FleetHeartbeat":
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="ebb-fleet-heartbeat", daemon=True)
-            self._thread.start()
-        return self
-
     def stop(self) -> None:
         """Stop beating and remove the record (the worker leaves the fleet now)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(self.interval + 5)
-            self._thread = None
+        self._join()
         try:
             fleet.withdraw(self.client, self.hostname, self.environ)
         except Exception as exc:  # noqa: BLE001
@@ -195,7 +213,7 @@ def bump_job_heartbeats(database_url: str, held: Mapping[Any, int], now: datetim
         return int(result.rowcount or 0)
 
 
-class JobHeartbeat:
+class JobHeartbeat(_Beater):
     """Bumps the heartbeat of every job ``runtime`` holds, every ``interval`` s,
     from a daemon thread that runs until the process ends (or :meth:`stop`).
 
@@ -203,12 +221,13 @@ class JobHeartbeat:
     progress writes keep beating too while they step.
     """
 
+    thread_name = "ebb-job-heartbeat"
+
     def __init__(self, runtime: Any, interval: float):
         self.runtime = runtime
         self.interval = interval
         self.beats = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._init_thread()
 
     def beat(self) -> int:
         return bump_job_heartbeats(self.runtime.database_url, self.runtime.held_jobs())
@@ -221,14 +240,5 @@ class JobHeartbeat:
             except Exception as exc:  # noqa: BLE001 - the DB away: try again next time
                 log.warning("job heartbeat failed: %s: %s", type(exc).__name__, exc)
 
-    def start(self) -> "JobHeartbeat":
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="ebb-job-heartbeat", daemon=True)
-            self._thread.start()
-        return self
-
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(self.interval + 5)
-            self._thread = None
+        self._join()
