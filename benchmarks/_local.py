@@ -15,7 +15,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The example images shipped beside the repository.
-IMAGES = ROOT.parent / "shared" / "images"
+IMAGES = ROOT / "tests" / "data" / "images"
 #: (file, ImageNet class): the flute, and the dog and cat of both.png.
 CASES = [("flute.jpg", 558), ("both.png", 243), ("both.png", 282)]
 

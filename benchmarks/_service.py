@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGES = ROOT.parent / "shared" / "images"
+IMAGES = ROOT / "tests" / "data" / "images"
 REDIS_DB = int(os.environ.get("EBB_BENCH_REDIS_DB", "12"))
 REDIS_URL = os.environ.get("EBB_BENCH_REDIS_URL", f"redis://127.0.0.1:6379/{REDIS_DB}")
 PG_ADMIN_URL = os.environ.get("EBB_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")

@@ -132,7 +132,7 @@ def main() -> None:
     print(cpu_report())
     print(f"threads {torch.get_num_threads()}, {args.iterations} timed steps x {args.repeats} repeats (median), "
           f"{args.clock} clock, seconds per mask-iteration of step_batch")
-    images = sorted((ROOT.parent / "shared" / "images").glob("flute.jpg"))
+    images = sorted((ROOT / "tests" / "data" / "images").glob("flute.jpg"))
     image = decode_image(images[0].read_bytes()).pixels if images else \
         (np.random.RandomState(0).rand(224, 224, 3) * 255).astype(np.uint8)
 

@@ -1,7 +1,7 @@
 """Faithfulness of each explanation method: deletion / insertion AUC and the pointing game.
 
 Runs the offline pretrained ``efficientnet_lite0`` on the example images in
-``<repo parent>/shared/images``: ``flute.jpg`` (class 558, flute) and
+``tests/data/images``: ``flute.jpg`` (class 558, flute) and
 ``both.png`` (243 bull mastiff and 282 tiger cat), three cases in all. For
 each method and case it measures
 
@@ -49,7 +49,7 @@ from shared.attribution.metrics import deletion_insertion
 from shared.attribution.perturbation import explain, frozen, prepare_image
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGES = ROOT.parent / "shared" / "images"
+IMAGES = ROOT / "tests" / "data" / "images"
 BOXES = ROOT / "tests" / "data" / "boxes.json"
 SIZE = 224
 AREAS = (0.05, 0.1, 0.2)

@@ -30,7 +30,7 @@ from shared.attribution.classifier import Classifier
 from shared.attribution.config import PerturbationConfig
 from shared.attribution.perturbation import MaskOptimisation, blurred_copy, prepare_image, step_batch
 
-IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "images"
+IMAGES = Path(__file__).resolve().parents[1] / "tests" / "data" / "images"
 
 
 def load(name: str, device: str) -> Classifier:

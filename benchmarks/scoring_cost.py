@@ -1,7 +1,7 @@
 """What the faithfulness scores on every job cost, next to the mask itself.
 
 For each case of ``faithfulness.py`` (offline pretrained ``efficientnet_lite0``
-on ``<repo parent>/shared/images``) it times, in one run, side by side:
+on ``tests/data/images``) it times, in one run, side by side:
 
 * ``mask``: the seed-faithful Meaningful Perturbation optimisation
   (``--iterations``, reference 500), as one job;

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-#: Example images shipped next to the repository (``/work/shared/images``).
-SHARED_IMAGES = REPO_ROOT.parent / "shared" / "images"
+#: The reference's example images (``both.png``, ``flute.jpg``), kept in the repository so that
+#: the tests need nothing beside the checkout.
+SHARED_IMAGES = REPO_ROOT / "tests" / "data" / "images"
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ import pytest
 from web.testing import delete_keys
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-IMAGES = REPO_ROOT.parent / "shared" / "images"
+IMAGES = REPO_ROOT / "tests" / "data" / "images"
 DOCS = REPO_ROOT / "docs"
 CHROMIUM = os.environ.get("EBB_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -395,7 +395,7 @@ def sqlite_url(tmp_path) -> str:
 @pytest.fixture(scope="session")
 def image_bytes() -> bytes:
     """``flute.jpg`` when the example images exist, else a synthetic PNG."""
-    flute = REPO_ROOT.parent / "shared" / "images" / "flute.jpg"
+    flute = REPO_ROOT / "tests" / "data" / "images" / "flute.jpg"
     if flute.is_file():
         return flute.read_bytes()
     import numpy as np

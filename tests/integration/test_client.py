@@ -99,7 +99,7 @@ def three_images(tmp_path_factory) -> list[Path]:
     from web.testing import image_bytes
 
     folder = tmp_path_factory.mktemp("images")
-    examples = REPO_ROOT.parent / "shared" / "images"
+    examples = REPO_ROOT / "tests" / "data" / "images"
     paths = []
     for name in ("flute.jpg", "both.png"):
         if (examples / name).is_file():
@@ -203,7 +203,7 @@ def test_client_cancel(client, tmp_path):
     from shared.client import ExplainClientError
 
     # Long enough never to finish before the cancel lands (queued or running).
-    image = REPO_ROOT.parent / "shared" / "images" / "flute.jpg"
+    image = REPO_ROOT / "tests" / "data" / "images" / "flute.jpg"
     if not image.is_file():
         pytest.skip("flute.jpg not available")
     job = client.submit(image, model=TEST_MODEL, iterations=2000, input_size=96, mask_size=8)

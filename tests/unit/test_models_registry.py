@@ -20,8 +20,8 @@ from shared.models.registry import WeightsUnavailableError, available_models, de
 
 @pytest.fixture
 def images_dir() -> Path:
-    """The example images in ``<checkout parent>/shared/images`` (skips when absent)."""
-    path = Path(__file__).resolve().parents[2].parent / "shared" / "images"
+    """The example images in ``tests/data/images`` (skips when absent)."""
+    path = Path(__file__).resolve().parents[1] / "data" / "images"
     if not path.is_dir():
         pytest.skip(f"example images not found at {path}")
     return path
