@@ -359,6 +359,18 @@ def _upload_bytes(job: Job) -> bytes:
         abort(503, description="The file store is unavailable right now. Please retry later.")
 
 
+def _store_and_send(path, data: bytes, mimetype: str, what: str):
+    """Cache ``data`` at ``path`` and send it; on a full or read-only store, send it unstored."""
+    from shared.storage import atomic_write
+
+    try:
+        atomic_write(path, data)
+    except OSError as exc:
+        log.warning("%s not stored: %s", what, exc)
+        return send_file(io.BytesIO(data), mimetype=mimetype, max_age=86400)
+    return send_file(path, mimetype=mimetype, max_age=86400, conditional=True)
+
+
 @bp.get("/jobs/<uuid:job_id>/image")
 def job_image(job_id: uuid.UUID):
     """The uploaded image: as uploaded when a browser can show it and its
@@ -368,7 +380,6 @@ def job_image(job_id: uuid.UUID):
     from PIL import Image, ImageOps
 
     from shared.imaging.render import capped_size
-    from shared.storage import atomic_write
 
     job = _job_or_404(job_id)
     st = state()
@@ -392,21 +403,13 @@ def job_image(job_id: uuid.UUID):
             upright.save(buffer, "PNG", compress_level=1)
     except (OSError, ValueError, Image.DecompressionBombError):
         abort(404, description="The uploaded image cannot be displayed.")
-    try:
-        atomic_write(rendition, buffer.getvalue())
-    except OSError as exc:  # a full or read-only store: serve it unstored
-        log.warning("image rendition of job %s not stored: %s", job_id, exc)
-        buffer.seek(0)
-        return send_file(buffer, mimetype="image/png", max_age=86400)
-    return send_file(rendition, mimetype="image/png", max_age=86400, conditional=True)
+    return _store_and_send(rendition, buffer.getvalue(), "image/png", f"image rendition of job {job_id}")
 
 
 @bp.get("/jobs/<uuid:job_id>/thumbnail")
 def job_thumbnail(job_id: uuid.UUID):
     """A small JPEG of the upload, cached under ``DATA_DIR/thumbnails``."""
     from PIL import Image, ImageOps
-
-    from shared.storage import atomic_write
 
     job = _job_or_404(job_id)
     storage = state().storage
@@ -423,10 +426,5 @@ def job_thumbnail(job_id: uuid.UUID):
                 img.save(buffer, "JPEG", quality=85, optimize=True)
         except (OSError, ValueError, Image.DecompressionBombError):
             abort(404, description="The uploaded image cannot be displayed.")
-        try:
-            atomic_write(cache, buffer.getvalue())
-        except OSError as exc:  # a full or read-only store: serve it uncached
-            log.warning("thumbnail of job %s not cached: %s", job_id, exc)
-            buffer.seek(0)
-            return send_file(buffer, mimetype="image/jpeg", max_age=86400)
+        return _store_and_send(cache, buffer.getvalue(), "image/jpeg", f"thumbnail of job {job_id}")
     return send_file(cache, mimetype="image/jpeg", max_age=86400, conditional=True)
